@@ -1,0 +1,1 @@
+//! sidetunnel-meshd: a local control plane serving Istio's xDS and CA APIs.

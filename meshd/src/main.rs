@@ -1,0 +1,5 @@
+//! `sidetunnel-meshd` entry point.
+
+fn main() -> anyhow::Result<()> {
+    anyhow::bail!("sidetunnel-meshd: not yet implemented")
+}

@@ -1,0 +1,1 @@
+//! The per-pod sidetunnel proxy library. One module per concern.

@@ -1,0 +1,23 @@
+//! Compiles the vendored-by-hand `.proto` files with protox, so building the
+//! product never needs `protoc` on the machine.
+
+use std::path::PathBuf;
+
+const FILES: &[&str] = &[
+    "istio/workload/workload.proto",
+    "istio/security/authorization.proto",
+    "istio/ca/ca.proto",
+    "envoy/service/discovery/v3/discovery.proto",
+];
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("proto");
+    println!("cargo:rerun-if-changed={}", root.display());
+    let descriptors = protox::compile(FILES, [&root])?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .bytes(".")
+        .compile_fds(descriptors)?;
+    Ok(())
+}
