@@ -1,5 +1,63 @@
-//! `containerd-shim-sidetunnel-v1` entry point.
+//! `containerd-shim-sidetunnel-v1`: containerd's shim v2 for runtime type
+//! `io.containerd.sidetunnel.v1`. Runs containers like runc's shim does and
+//! gives every pod its own sidetunnel proxy (see README.md).
+//!
+//! The binary also serves as its own helper: `__launch-proxy` (the proxy's
+//! launcher) and `__redirect` (redirection install/remove) are dispatched
+//! before any runtime or thread exists.
 
-fn main() -> anyhow::Result<()> {
-    anyhow::bail!("containerd-shim-sidetunnel-v1: not yet implemented")
+mod cgroup;
+mod config;
+mod container;
+mod error;
+mod logging;
+mod oom;
+mod options;
+mod process;
+mod runtime;
+mod sandbox;
+mod service;
+mod settings;
+mod stdio;
+mod task;
+
+use containerd_shim::Config;
+
+const RUNTIME_ID: &str = "io.containerd.sidetunnel.v1";
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    match args.get(1).map(String::as_str) {
+        Some(sandbox::launch::ARG) => sandbox::launch::main(),
+        Some(sandbox::helper::ARG) => sandbox::helper::main(&args[2..]),
+        _ => {}
+    }
+    if let Ok(flags) = containerd_shim::parse(&args[1..])
+        && flags.version
+    {
+        println!(
+            "{}:\n  Version: {}\n  Runtime: {RUNTIME_ID}",
+            args[0],
+            env!("CARGO_PKG_VERSION")
+        );
+        return;
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("{RUNTIME_ID}: tokio runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    let config = Config {
+        no_setup_logger: true,
+        ..Default::default()
+    };
+    rt.block_on(containerd_shim::asynchronous::run::<service::Service>(
+        RUNTIME_ID,
+        Some(config),
+    ));
 }

@@ -1,7 +1,12 @@
 //! Shared support for sidetunnel's integration tests: prerequisite gates
 //! (skip outside CI with a reason, fail under `CI=true`), paths of the
-//! workspace binaries under test, and network-namespace "pods".
+//! workspace binaries under test, network-namespace "pods", and a real
+//! containerd driven over CRI with locally built images.
 
 pub mod bins;
+pub mod cmd;
+pub mod containerd;
+pub mod cri;
+pub mod image;
 pub mod netns;
 pub mod prereq;

@@ -1,0 +1,227 @@
+//! Proxy configuration: command-line flags, environment variables and an
+//! optional TOML file (flags and env win over the file, the file over
+//! defaults), resolved into one validated [`Config`]. Every validation error
+//! names the flag and says what is wrong, so a misconfigured pod fails at
+//! start with a readable message instead of misbehaving later.
+
+mod args;
+mod parse;
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ipnet::IpNet;
+
+pub use args::ProxyArgs;
+pub use parse::{parse_duration, parse_mark};
+
+/// Istio ambient's packet mark for the proxy's own sockets; the redirection
+/// ruleset lets marked traffic through untouched.
+pub const DEFAULT_MARK: u32 = 0x539;
+
+/// Errors found while loading or validating the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading config file {path}: {source}")]
+    ReadFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("parsing config file {path}: {source}")]
+    ParseFile {
+        path: PathBuf,
+        source: Box<toml::de::Error>,
+    },
+    #[error("missing required setting --{flag} (env {env}, file key `{flag}`)")]
+    Missing {
+        flag: &'static str,
+        env: &'static str,
+    },
+    #[error("invalid --{flag} {value:?}: {reason}")]
+    Invalid {
+        flag: &'static str,
+        value: String,
+        reason: String,
+    },
+    #[error("{0}")]
+    Conflict(String),
+}
+
+impl ConfigError {
+    pub(crate) fn invalid(flag: &'static str, value: impl ToString, reason: impl ToString) -> Self {
+        ConfigError::Invalid {
+            flag,
+            value: value.to_string(),
+            reason: reason.to_string(),
+        }
+    }
+}
+
+/// Who this proxy is: the pod it serves.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct PodIdentity {
+    pub namespace: String,
+    pub name: String,
+    pub uid: Option<String>,
+    pub service_account: String,
+    pub node_name: Option<String>,
+    pub cluster_id: String,
+    pub trust_domain: String,
+    pub network: String,
+    /// The pod's IPs when the shim passes them; otherwise discovered from the
+    /// netns interfaces at start.
+    pub ips: Vec<IpAddr>,
+}
+
+impl PodIdentity {
+    /// The SPIFFE identity the pod's certificate must carry.
+    pub fn spiffe_id(&self) -> String {
+        format!(
+            "spiffe://{}/ns/{}/sa/{}",
+            self.trust_domain, self.namespace, self.service_account
+        )
+    }
+}
+
+/// A gRPC endpoint of the control plane (xDS or CA).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Endpoint {
+    /// `https://host:port`.
+    pub address: String,
+    /// TLS server name checked against the server certificate.
+    pub server_name: String,
+    /// PEM file with the roots that sign the server certificate.
+    pub root_cert: PathBuf,
+}
+
+/// Where the workload certificate comes from.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case", tag = "mode")]
+pub enum CertSource {
+    /// Istio CA: CSR over gRPC authenticated by the service-account token.
+    IstioCa { ca: Endpoint },
+    /// Certificate files provisioned by the platform, watched for changes.
+    Files {
+        cert: PathBuf,
+        key: PathBuf,
+        roots: PathBuf,
+    },
+}
+
+/// How the xDS client subscribes to addresses.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum XdsMode {
+    /// Only the pod's own workload and destinations it really uses.
+    OnDemand,
+    /// Every address in the mesh (what a node ztunnel does).
+    Wildcard,
+}
+
+/// Local inbound policy for plaintext (non-HBONE) connections, Istio's
+/// PeerAuthentication mode.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum InboundPolicy {
+    /// Plaintext rejected, except from the configured probe sources.
+    #[value(name = "STRICT", alias = "strict")]
+    Strict,
+    /// Plaintext accepted, subject to authorization without identity.
+    #[value(name = "PERMISSIVE", alias = "permissive")]
+    Permissive,
+}
+
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The proxy's listening ports (Istio conventions by default).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Ports {
+    pub outbound: u16,
+    pub inbound_plaintext: u16,
+    pub hbone: u16,
+    pub metrics: u16,
+    pub readiness: u16,
+}
+
+impl Default for Ports {
+    fn default() -> Self {
+        Ports {
+            outbound: 15001,
+            inbound_plaintext: 15006,
+            hbone: 15008,
+            metrics: 15020,
+            readiness: 15021,
+        }
+    }
+}
+
+impl Ports {
+    /// Ports an outbound connection to the pod itself must never reach
+    /// (they would loop through the proxy).
+    pub fn self_call_ports(&self) -> [u16; 3] {
+        [self.outbound, self.inbound_plaintext, self.hbone]
+    }
+}
+
+/// HBONE client pool tuning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct PoolConfig {
+    /// Streams per HTTP/2 connection before a new connection is opened.
+    pub max_streams_per_conn: u16,
+    /// How long an unused pooled connection is kept.
+    pub idle_timeout: Duration,
+}
+
+/// The resolved and validated proxy configuration.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Config {
+    pub pod: PodIdentity,
+    pub xds: Endpoint,
+    /// Bearer token for the CA and xDS server (a projected service-account
+    /// token), re-read on every use.
+    pub token_file: Option<PathBuf>,
+    pub xds_mode: XdsMode,
+    pub cert_source: CertSource,
+    pub ports: Ports,
+    pub mark: u32,
+    pub admin_socket: Option<PathBuf>,
+    #[serde(with = "parse::duration_serde")]
+    pub drain_grace_period: Duration,
+    #[serde(with = "parse::duration_serde")]
+    pub connect_timeout: Duration,
+    #[serde(with = "parse::duration_serde")]
+    pub on_demand_timeout: Duration,
+    pub pool: PoolConfig,
+    pub worker_threads: usize,
+    pub log_format: LogFormat,
+    pub log_level: String,
+    pub inbound_policy: InboundPolicy,
+    pub probe_sources: Vec<IpNet>,
+}
+
+impl Config {
+    /// Loads the optional file named by `--config`, merges flags/env over it
+    /// and validates the result.
+    pub fn load(cli: ProxyArgs) -> Result<Config, ConfigError> {
+        let merged = match cli.config.clone() {
+            Some(path) => cli.over(ProxyArgs::from_file(&path)?),
+            None => cli,
+        };
+        merged.resolve()
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,250 @@
+use std::io::Write;
+use std::time::Duration;
+
+use clap::Parser;
+
+use super::*;
+
+#[derive(Parser)]
+struct Cli {
+    #[command(flatten)]
+    args: ProxyArgs,
+}
+
+fn parse(extra: &[&str]) -> Result<Config, ConfigError> {
+    let mut argv = vec![
+        "test",
+        "--pod-namespace",
+        "ns1",
+        "--pod-name",
+        "pod-a",
+        "--xds-address",
+        "127.0.0.1:15010",
+        "--xds-root-cert",
+        "/roots.pem",
+        "--token-file",
+        "/token",
+    ];
+    argv.extend_from_slice(extra);
+    Config::load(Cli::try_parse_from(argv).expect("clap parse").args)
+}
+
+#[test]
+fn defaults_follow_istio_conventions() {
+    let c = parse(&[]).unwrap();
+    assert_eq!(c.ports, Ports::default());
+    assert_eq!(c.ports.outbound, 15001);
+    assert_eq!(c.ports.readiness, 15021);
+    assert_eq!(c.mark, 0x539);
+    assert_eq!(c.xds_mode, XdsMode::OnDemand);
+    assert_eq!(c.inbound_policy, InboundPolicy::Permissive);
+    assert_eq!(c.pod.service_account, "default");
+    assert_eq!(c.pod.trust_domain, "cluster.local");
+    assert_eq!(
+        c.pod.spiffe_id(),
+        "spiffe://cluster.local/ns/ns1/sa/default"
+    );
+    assert_eq!(c.xds.address, "https://127.0.0.1:15010");
+    assert_eq!(c.xds.server_name, "127.0.0.1");
+    assert_eq!(c.drain_grace_period, Duration::from_secs(5));
+    assert_eq!(c.pool.max_streams_per_conn, 100);
+    match c.cert_source {
+        CertSource::IstioCa { ca } => {
+            assert_eq!(ca.address, "https://127.0.0.1:15010");
+            assert_eq!(ca.root_cert, std::path::PathBuf::from("/roots.pem"));
+            assert_eq!(c.token_file, Some(std::path::PathBuf::from("/token")));
+        }
+        other => panic!("expected CA mode, got {other:?}"),
+    }
+}
+
+#[test]
+fn missing_required_names_the_flag() {
+    let err =
+        Config::load(Cli::try_parse_from(["t", "--pod-name", "p"]).unwrap().args).unwrap_err();
+    assert!(err.to_string().contains("--pod-namespace"), "{err}");
+    assert!(
+        err.to_string().contains("SIDETUNNEL_POD_NAMESPACE"),
+        "{err}"
+    );
+    // CA mode needs the token.
+    let err = Config::load(
+        Cli::try_parse_from([
+            "t",
+            "--pod-namespace",
+            "n",
+            "--pod-name",
+            "p",
+            "--xds-address",
+            "h:1",
+            "--xds-root-cert",
+            "/r",
+        ])
+        .unwrap()
+        .args,
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("--token-file"), "{err}");
+}
+
+#[test]
+fn bad_values_are_rejected_with_reason() {
+    let cases: &[(&[&str], &str)] = &[
+        (&["--mark", "0"], "--mark"),
+        (&["--mark", "0xzz"], "--mark"),
+        (
+            &["--drain-grace-period", "5 parsecs"],
+            "--drain-grace-period",
+        ),
+        (&["--hbone-port", "15001"], "same port as --outbound-port"),
+        (&["--metrics-port", "0"], "port 0"),
+        (&["--probe-source", "10.0.0.0/33"], "--probe-source"),
+        (&["--pod-ip", "not-an-ip"], "--pod-ip"),
+        (&["--log-level", "info,[[["], "--log-level"),
+        (&["--service-account", "a/b"], "--service-account"),
+        (&["--pool-max-streams", "0"], "--pool-max-streams"),
+        (&["--cert-file", "/c.pem"], "needs all of"),
+        (
+            &[
+                "--cert-file",
+                "/c",
+                "--key-file",
+                "/k",
+                "--roots-file",
+                "/r",
+                "--ca-address",
+                "x:1",
+            ],
+            "drop --ca-address",
+        ),
+    ];
+    for (extra, want) in cases {
+        let err = parse(extra).expect_err(&format!("{extra:?} must fail"));
+        assert!(err.to_string().contains(want), "{extra:?}: {err}");
+    }
+    let err = Config::load(
+        Cli::try_parse_from([
+            "t",
+            "--pod-namespace",
+            "n",
+            "--pod-name",
+            "p",
+            "--xds-address",
+            "http://cp:1",
+            "--xds-root-cert",
+            "/r",
+            "--token-file",
+            "/t",
+        ])
+        .unwrap()
+        .args,
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("plaintext"), "{err}");
+}
+
+#[test]
+fn cert_files_mode_and_overrides() {
+    let argv = [
+        "t",
+        "--pod-namespace",
+        "n",
+        "--pod-name",
+        "p",
+        "--xds-address",
+        "https://meshd.local:443",
+        "--xds-root-cert",
+        "/r",
+        "--cert-file",
+        "/c",
+        "--key-file",
+        "/k",
+        "--roots-file",
+        "/roots",
+        "--mark",
+        "1337",
+        "--probe-source",
+        "10.0.0.1,fd00::/64",
+        "--inbound-policy",
+        "strict",
+        "--xds-mode",
+        "wildcard",
+        "--drain-grace-period",
+        "250ms",
+    ];
+    let c = Config::load(Cli::try_parse_from(argv).unwrap().args).unwrap();
+    assert_eq!(c.mark, 1337);
+    assert_eq!(c.xds.server_name, "meshd.local");
+    assert_eq!(c.inbound_policy, InboundPolicy::Strict);
+    assert_eq!(c.xds_mode, XdsMode::Wildcard);
+    assert_eq!(c.drain_grace_period, Duration::from_millis(250));
+    assert_eq!(c.probe_sources.len(), 2);
+    assert_eq!(c.probe_sources[0].to_string(), "10.0.0.1/32");
+    assert!(matches!(c.cert_source, CertSource::Files { .. }));
+}
+
+#[test]
+fn file_is_overridden_by_flags() {
+    let mut f = tempfile::NamedTempFile::new().unwrap();
+    writeln!(
+        f,
+        r#"
+pod-namespace = "from-file"
+pod-name = "p"
+xds-address = "127.0.0.1:1"
+xds-root-cert = "/r"
+token-file = "/t"
+mark = 4242
+hbone-port = 16008
+probe-sources = ["192.0.2.1"]
+log-format = "json"
+inbound-policy = "STRICT"
+"#
+    )
+    .unwrap();
+    let path = f.path().to_str().unwrap();
+    let c = Config::load(
+        Cli::try_parse_from(["t", "--config", path, "--pod-namespace", "from-flag"])
+            .unwrap()
+            .args,
+    )
+    .unwrap();
+    assert_eq!(c.pod.namespace, "from-flag");
+    assert_eq!(c.mark, 4242);
+    assert_eq!(c.ports.hbone, 16008);
+    assert_eq!(c.log_format, LogFormat::Json);
+    assert_eq!(c.inbound_policy, InboundPolicy::Strict);
+    assert_eq!(c.probe_sources[0].to_string(), "192.0.2.1/32");
+}
+
+#[test]
+fn file_errors_name_the_file() {
+    let mut f = tempfile::NamedTempFile::new().unwrap();
+    writeln!(f, "no-such-key = 1").unwrap();
+    let path = f.path().to_str().unwrap().to_string();
+    let err =
+        Config::load(Cli::try_parse_from(["t", "--config", &path]).unwrap().args).unwrap_err();
+    assert!(err.to_string().contains(&path), "{err}");
+    assert!(err.to_string().contains("no-such-key"), "{err}");
+    let err = Config::load(
+        Cli::try_parse_from(["t", "--config", "/nonexistent/x.toml"])
+            .unwrap()
+            .args,
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("/nonexistent/x.toml"), "{err}");
+}
+
+#[test]
+fn duration_and_mark_parsers() {
+    assert_eq!(parse_duration("15").unwrap(), Duration::from_secs(15));
+    assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+    assert_eq!(parse_duration("1h").unwrap(), Duration::from_secs(3600));
+    assert_eq!(parse_duration("10ms").unwrap(), Duration::from_millis(10));
+    assert!(parse_duration("").is_err());
+    assert!(parse_duration("-1s").is_err());
+    assert!(parse_duration("99999999999999999999h").is_err());
+    assert_eq!(parse_mark("0x539").unwrap(), 1337);
+    assert_eq!(parse_mark("1337").unwrap(), 1337);
+    assert!(parse_mark("0x").is_err());
+}

@@ -1,0 +1,304 @@
+//! Runs and supervises one pod's proxy: launches it (through the launcher),
+//! forwards its output to the pod's CRI log and the shim log, restarts it with
+//! backoff when it exits, keeps its exit history in the shim's record, and on
+//! stop drains it (SIGTERM, grace, SIGKILL).
+
+use std::fmt;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use containerd_shim::asynchronous::monitor::{monitor_subscribe, monitor_unsubscribe};
+use containerd_shim::monitor::Topic;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use time::OffsetDateTime;
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use super::backoff::Backoff;
+use super::crilog::{self, Stream};
+use super::launch::{self, LaunchSpec};
+use super::record::{self, ExitRecord, Paths, Record};
+use crate::runtime::wait_exit;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ProxyState {
+    Starting,
+    Running {
+        pid: i32,
+    },
+    /// Exited; restarting after `retry_in`.
+    Exited {
+        pid: i32,
+        code: i32,
+        retry_in: Duration,
+    },
+    SpawnFailed(String),
+    Stopped,
+}
+
+impl fmt::Display for ProxyState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ProxyState::Starting => f.write_str("starting"),
+            ProxyState::Running { pid } => write!(f, "running (pid {pid})"),
+            ProxyState::Exited {
+                pid,
+                code,
+                retry_in,
+            } => {
+                write!(
+                    f,
+                    "exited (pid {pid}, status {code}), restarting in {retry_in:?}"
+                )
+            }
+            ProxyState::SpawnFailed(e) => write!(f, "failed to start: {e}"),
+            ProxyState::Stopped => f.write_str("stopped"),
+        }
+    }
+}
+
+pub struct ProxyPlan {
+    pub launch: LaunchSpec,
+    pub paths: Paths,
+    pub log_file: Option<PathBuf>,
+    pub drain: Duration,
+    pub backoff: Backoff,
+    /// Kubelet's token → the proxy's copy, refreshed at this interval.
+    pub token: Option<(PathBuf, PathBuf, Duration)>,
+    pub record: Record,
+}
+
+pub struct Supervisor {
+    pub state: watch::Receiver<ProxyState>,
+    stop: watch::Sender<bool>,
+    task: tokio::sync::Mutex<Option<JoinHandle<()>>>,
+}
+
+type LogSink = Arc<Mutex<Option<std::fs::File>>>;
+
+impl Supervisor {
+    pub fn start(plan: ProxyPlan) -> Supervisor {
+        let (state_tx, state) = watch::channel(ProxyState::Starting);
+        let (stop, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(run(plan, state_tx, stop_rx));
+        Supervisor {
+            state,
+            stop,
+            task: tokio::sync::Mutex::new(Some(task)),
+        }
+    }
+
+    pub fn current(&self) -> ProxyState {
+        self.state.borrow().clone()
+    }
+
+    /// Drains and stops the proxy; returns once it is gone. Idempotent.
+    pub async fn stop(&self) {
+        self.stop.send_replace(true);
+        if let Some(task) = self.task.lock().await.take()
+            && let Err(e) = task.await
+        {
+            tracing::warn!("proxy supervisor task: {e}");
+        }
+    }
+}
+
+fn open_log(path: &Option<PathBuf>) -> LogSink {
+    let file = path.as_ref().and_then(|p| {
+        let dir = p.parent()?;
+        std::fs::create_dir_all(dir).ok()?;
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(p)
+            .inspect_err(|e| tracing::warn!("open proxy log {}: {e}", p.display()))
+            .ok()
+    });
+    Arc::new(Mutex::new(file))
+}
+
+fn forward(out: impl AsyncRead + Unpin + Send + 'static, stream: Stream, sink: LogSink) {
+    tokio::spawn(async move {
+        let mut r = BufReader::new(out);
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            match r.read_until(b'\n', &mut line).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+            if line.last() == Some(&b'\n') {
+                line.pop();
+            }
+            tracing::info!(target: "sidetunnel::proxy", stream = stream.as_str(), "{}", String::from_utf8_lossy(&line));
+            let rec = crilog::records(OffsetDateTime::now_utc(), stream, &line);
+            if let Some(f) = sink.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+                let _ = std::io::Write::write_all(f, &rec);
+            }
+        }
+    });
+}
+
+type Spawned = (
+    i32,
+    containerd_shim::asynchronous::monitor::Subscription,
+    tokio::process::Child,
+);
+
+async fn spawn(spec: &LaunchSpec, sink: &LogSink) -> Result<Spawned, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("locate shim binary: {e}"))?;
+    let json = serde_json::to_string(spec).map_err(|e| e.to_string())?;
+    let sub = monitor_subscribe(Topic::Pid)
+        .await
+        .map_err(|e| e.to_string())?;
+    let spawned = tokio::process::Command::new(exe)
+        .arg(launch::ARG)
+        .env_clear()
+        .env(launch::ENV, json)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .spawn();
+    let mut child = match spawned {
+        Ok(c) => c,
+        Err(e) => {
+            monitor_unsubscribe(sub.id).await.unwrap_or_default();
+            return Err(format!("spawn launcher: {e}"));
+        }
+    };
+    let pid = child.id().unwrap_or_default() as i32;
+    if let Some(o) = child.stdout.take() {
+        forward(o, Stream::Stdout, sink.clone());
+    }
+    if let Some(e) = child.stderr.take() {
+        forward(e, Stream::Stderr, sink.clone());
+    }
+    // The handle is kept (never waited on) until the monitor reports the
+    // exit: a dropped tokio Child joins tokio's orphan reaper, which could
+    // collect the status before the shim's reaper and so hide the exit.
+    Ok((pid, sub, child))
+}
+
+fn save(rec: &Record, paths: &Paths) {
+    if let Err(e) = rec.save(paths) {
+        tracing::warn!("write {}: {e}", paths.record().display());
+    }
+}
+
+fn refresh_token(token: &Option<(PathBuf, PathBuf, Duration)>, uid: u32, gid: u32) {
+    if let Some((from, to, _)) = token
+        && let Err(e) = super::token::copy(from, to, uid, gid)
+    {
+        tracing::warn!("refresh service-account token from {}: {e}", from.display());
+    }
+}
+
+async fn run(
+    mut plan: ProxyPlan,
+    state: watch::Sender<ProxyState>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let sink = open_log(&plan.log_file);
+    let (uid, gid) = (plan.launch.uid, plan.launch.gid);
+    let token_every = plan
+        .token
+        .as_ref()
+        .map_or(Duration::from_secs(3600), |t| t.2);
+    let mut token_tick = tokio::time::interval(token_every);
+    token_tick.tick().await;
+    loop {
+        if *stop.borrow() {
+            break;
+        }
+        state.send_replace(ProxyState::Starting);
+        let started = Instant::now();
+        let (pid, sub, child) = match spawn(&plan.launch, &sink).await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::error!("proxy: {e}");
+                state.send_replace(ProxyState::SpawnFailed(e));
+                let delay = plan.backoff.after_run(Duration::ZERO);
+                if sleep_or_stop(delay, &mut stop).await {
+                    break;
+                }
+                continue;
+            }
+        };
+        tracing::info!(pid, "proxy started");
+        plan.record.proxy_pid = Some(pid);
+        plan.record.proxy_start_time = record::start_time(pid);
+        plan.record.state = "running".into();
+        save(&plan.record, &plan.paths);
+        state.send_replace(ProxyState::Running { pid });
+
+        let exit = wait_exit(pid, sub);
+        tokio::pin!(exit);
+        let code = loop {
+            tokio::select! {
+                code = &mut exit => break code,
+                _ = token_tick.tick() => refresh_token(&plan.token, uid, gid),
+                _ = stopped(&mut stop) => {
+                    tracing::info!(pid, grace = ?plan.drain, "draining proxy");
+                    let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+                    match tokio::time::timeout(plan.drain, &mut exit).await {
+                        Ok(code) => break code,
+                        Err(_) => {
+                            tracing::warn!(pid, "proxy did not exit within the drain grace; killing it");
+                            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+                            break exit.await;
+                        }
+                    }
+                }
+            }
+        };
+        drop(child);
+        let ran = started.elapsed();
+        plan.record.push_exit(ExitRecord {
+            at: crilog::timestamp(OffsetDateTime::now_utc()),
+            pid,
+            code,
+            ran_ms: ran.as_millis() as u64,
+        });
+        plan.record.proxy_pid = None;
+        plan.record.proxy_start_time = None;
+        if *stop.borrow() {
+            tracing::info!(pid, code, "proxy stopped");
+            break;
+        }
+        plan.record.restarts += 1;
+        let delay = plan.backoff.after_run(ran);
+        tracing::warn!(pid, code, ran = ?ran, restart_in = ?delay, restarts = plan.record.restarts, "proxy exited; restarting");
+        plan.record.state = format!("exited with status {code}; restarting");
+        save(&plan.record, &plan.paths);
+        state.send_replace(ProxyState::Exited {
+            pid,
+            code,
+            retry_in: delay,
+        });
+        if sleep_or_stop(delay, &mut stop).await {
+            break;
+        }
+    }
+    plan.record.state = "stopped".into();
+    save(&plan.record, &plan.paths);
+    state.send_replace(ProxyState::Stopped);
+}
+
+/// Sleeps `d`; true when a stop was requested meanwhile.
+async fn sleep_or_stop(d: Duration, stop: &mut watch::Receiver<bool>) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(d) => {}
+        _ = stopped(stop) => {}
+    }
+    *stop.borrow()
+}
+
+/// Resolves once a stop was requested.
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
