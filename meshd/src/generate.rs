@@ -42,9 +42,12 @@ const MAX_NODES: usize = 65536;
 
 /// SplitMix64: tiny, and its output is fixed forever for a seed (a library
 /// RNG may change streams across versions, which would change scenarios).
-struct Rng(u64);
+pub(crate) struct Rng(u64);
 
 impl Rng {
+    pub(crate) fn new(seed: u64) -> Rng {
+        Rng(seed)
+    }
     fn next(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let mut z = self.0;
@@ -52,7 +55,7 @@ impl Rng {
         z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
         z ^ (z >> 31)
     }
-    fn below(&mut self, n: usize) -> usize {
+    pub(crate) fn below(&mut self, n: usize) -> usize {
         (self.next() % n.max(1) as u64) as usize
     }
     fn chance(&mut self, percent: u64) -> bool {
@@ -113,6 +116,27 @@ const PORT_SETS: &[&[(u32, u32)]] = &[
     &[(80, 8080), (8081, 8081), (9090, 9090)],
 ];
 
+/// Namespaces are named after teams; once every team has one, a team gets
+/// a second (`payments-2`), and so on.
+fn namespace_name(i: usize) -> String {
+    let team = TEAMS[i % TEAMS.len()];
+    match i / TEAMS.len() {
+        0 => team.to_string(),
+        n => format!("{team}-{}", n + 1),
+    }
+}
+
+/// `base`, or `base-2`, `base-3`… if taken.
+fn unique(taken: &mut std::collections::HashSet<String>, base: String) -> String {
+    let mut name = base.clone();
+    let mut n = 1;
+    while !taken.insert(name.clone()) {
+        n += 1;
+        name = format!("{base}-{n}");
+    }
+    name
+}
+
 struct Deployment {
     name: String,
     namespace: String,
@@ -140,12 +164,12 @@ pub fn generate(p: &Params) -> Result<Inventory, GenerateError> {
         return Err(GenerateError::TooManyPods { pods: p.pods, max });
     }
     let mut rng = Rng(p.seed);
-    let namespaces: Vec<String> = (0..k)
-        .map(|i| format!("{}-{i}", TEAMS[i % TEAMS.len()]))
-        .collect();
+    let namespaces: Vec<String> = (0..k).map(namespace_name).collect();
     // One namespace in ten (when there are enough services) has a waypoint.
     let waypoint_ns: Vec<bool> = (0..k).map(|i| p.services >= 20 && i % 10 == 3).collect();
 
+    // Names taken per namespace (Kubernetes names are unique per namespace).
+    let mut taken: Vec<std::collections::HashSet<String>> = vec![Default::default(); k];
     let mut deployments: Vec<Deployment> = (0..p.services)
         .map(|i| {
             let ns_idx = i % k;
@@ -154,13 +178,18 @@ pub fn generate(p: &Params) -> Result<Inventory, GenerateError> {
             let name = if is_waypoint {
                 "waypoint".to_string()
             } else {
-                // Deployments are mostly named after their namespace's team.
-                let team = if rng.chance(80) {
-                    TEAMS[ns_idx % TEAMS.len()]
+                // A third of the deployments carry a team prefix (mostly their
+                // namespace's team), the rest are named by role alone
+                // (`api`, `worker`) as the namespace already says whose.
+                let part = rng.pick(PARTS);
+                let base = if rng.chance(65) {
+                    part.to_string()
+                } else if rng.chance(80) {
+                    format!("{}-{part}", TEAMS[ns_idx % TEAMS.len()])
                 } else {
-                    rng.pick(TEAMS)
+                    format!("{}-{part}", rng.pick(TEAMS))
                 };
-                format!("{team}-{}-{i}", rng.pick(PARTS))
+                unique(&mut taken[ns_idx], base)
             };
             let ports = if is_waypoint {
                 BTreeMap::from([(15008, 15008), (15021, 15021)])
@@ -171,7 +200,7 @@ pub fn generate(p: &Params) -> Result<Inventory, GenerateError> {
                     .collect()
             };
             Deployment {
-                service_account: if is_waypoint || !rng.chance(20) {
+                service_account: if is_waypoint || rng.chance(60) {
                     name.clone()
                 } else {
                     "default".into()
@@ -239,7 +268,10 @@ pub fn generate(p: &Params) -> Result<Inventory, GenerateError> {
     let mut pod_index = 0usize;
     let mut pod_names = std::collections::HashSet::new();
     for d in &deployments {
-        let rs_hash = rng.suffix(10);
+        let rs_hash = {
+            let len = 9 + rng.below(2);
+            rng.suffix(len)
+        };
         for _ in 0..d.replicas {
             let node = pod_index / PODS_PER_NODE;
             let addr = u32::from(Ipv4Addr::new(10, (node / 256) as u8, (node % 256) as u8, 0))

@@ -13,6 +13,7 @@ pub mod generate;
 pub mod inventory;
 pub mod jwt;
 pub mod pki;
+pub mod scale;
 pub mod server;
 pub mod snapshot;
 pub mod subscription;

@@ -1,5 +1,106 @@
 //! `sidetunnel-proxy`: the per-pod L4 mesh proxy.
+//!
+//! * `sidetunnel-proxy [run] [FLAGS]` — run the proxy inside the pod's
+//!   network namespace (the default subcommand); see netproxy/README.md.
+//! * `sidetunnel-proxy redirect show --netns PATH` — print the redirection
+//!   ruleset installed in a network namespace (for operators).
+//!
+//! Exit codes: 0 after a clean drain, 1 on a runtime/start failure, 2 on a
+//! configuration error.
 
-fn main() -> anyhow::Result<()> {
-    anyhow::bail!("sidetunnel-proxy: not yet implemented")
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use netproxy::admin::LogControl;
+use netproxy::config::{Config, ProxyArgs};
+
+#[derive(Parser)]
+#[command(
+    name = "sidetunnel-proxy",
+    version,
+    about = "Per-pod ztunnel-compatible L4 mesh proxy"
+)]
+#[command(args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    run: ProxyArgs,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy (default).
+    Run(Box<ProxyArgs>),
+    /// Inspect traffic redirection.
+    #[command(subcommand)]
+    Redirect(RedirectCommand),
+}
+
+#[derive(Subcommand)]
+enum RedirectCommand {
+    /// Print the nftables table and policy routing installed in a netns.
+    Show {
+        /// Network namespace file, e.g. /run/netns/NAME or /proc/PID/ns/net.
+        #[arg(long)]
+        netns: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Redirect(RedirectCommand::Show { netns })) => {
+            match sidetunnel_redirect::show(&netns) {
+                Ok(text) => {
+                    print!("{text}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("sidetunnel-proxy: redirect show {}: {e}", netns.display());
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Some(Command::Run(args)) => run(*args),
+        None => run(cli.run),
+    }
+}
+
+fn run(args: ProxyArgs) -> ExitCode {
+    let cfg = match Config::load(args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("sidetunnel-proxy: configuration error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let logs = match LogControl::init(cfg.log_format, &cfg.log_level) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("sidetunnel-proxy: logging: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(cfg.worker_threads)
+        .thread_name("sidetunnel-proxy")
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("sidetunnel-proxy: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(netproxy::proxy::run_app(cfg, logs)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("sidetunnel-proxy: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }

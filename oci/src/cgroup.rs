@@ -44,6 +44,11 @@ impl CgroupsPath {
             if parts[2].is_empty() {
                 return Err(invalid("systemd unit name is empty"));
             }
+            // Unit names never contain '/'; in the slice it would put
+            // path components (`..`) into the expanded pod cgroup.
+            if parts.iter().any(|p| p.contains('/')) {
+                return Err(invalid("systemd slice, prefix and name cannot contain '/'"));
+            }
             return Ok(CgroupsPath::Systemd {
                 slice: slice.to_owned(),
                 prefix: parts[1].to_owned(),
@@ -153,6 +158,8 @@ mod tests {
             "foo:cri:abc",
             "x.slice:cri:",
             "/a:b:c",
+            // Found by the oci_spec fuzz target: expanded to "/kubepods/../../etc.slice".
+            "kubepods/../../etc.slice:cri-containerd:abc",
         ] {
             assert!(CgroupsPath::parse(bad).is_err(), "{bad:?} accepted");
         }

@@ -25,11 +25,40 @@ use containerd_shim::Config;
 
 const RUNTIME_ID: &str = "io.containerd.sidetunnel.v1";
 
+/// What `--help` prints: containerd starts this binary; people only ask it
+/// for its version or read where its configuration lives.
+fn usage(argv0: &str) -> String {
+    format!(
+        "containerd-shim-sidetunnel-v1 {version}: containerd shim v2 (runtime_type {RUNTIME_ID})
+that runs pods with an OCI runtime (runc by default) and gives each pod its own
+sidetunnel proxy, installed in the pod's network namespace at sandbox creation.
+
+containerd starts it; it is not meant to be run by hand.
+
+Usage:
+  {argv0} -v | --version             print version and runtime type
+  {argv0} -h | --help                this text
+  {argv0} [containerd shim flags] start|delete
+        -namespace NS -address SOCK -publish-binary BIN -id ID [-bundle DIR] [-debug]
+
+Configuration: /etc/sidetunnel/config.toml, or the runtime option ConfigPath
+(containerd runtime options). Every key is documented in packaging/config.toml
+and shim/README.md. Pod annotations: sidetunnel.io/inject, sidetunnel.io/ready-timeout,
+sidetunnel.io/prefetch, traffic.sidecar.istio.io/exclude* (see README).
+",
+        version = env!("CARGO_PKG_VERSION"),
+    )
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     match args.get(1).map(String::as_str) {
         Some(sandbox::launch::ARG) => sandbox::launch::main(),
         Some(sandbox::helper::ARG) => sandbox::helper::main(&args[2..]),
+        Some("-h" | "-help" | "--help") => {
+            print!("{}", usage(&args[0]));
+            return;
+        }
         _ => {}
     }
     if let Ok(flags) = containerd_shim::parse(&args[1..])

@@ -52,12 +52,37 @@ pub struct Options {
     pub debug: bool,
     /// Extra environment for containerd (and so for the shims it starts).
     pub env: Vec<(String, String)>,
+    /// Files for containerd's top-level `imports` (e.g. an installed
+    /// `/etc/containerd/conf.d/sidetunnel.toml` drop-in). When non-empty, the
+    /// harness leaves the `sidetunnel` runtime to the imported files.
+    pub imports: Vec<PathBuf>,
+    /// containerd's PATH is the system PATH only (the workspace's binary
+    /// directory is not prepended), so it finds an installed shim the way a
+    /// node's containerd does.
+    pub system_path_only: bool,
+    /// Called with the rendered config file before containerd starts (e.g.
+    /// to generate a drop-in from it, as a node's installer would).
+    pub before_start: Option<BeforeStart>,
+}
+
+/// A hook run on the rendered `config.toml` before containerd starts.
+#[derive(Clone)]
+pub struct BeforeStart(pub std::sync::Arc<ConfigHook>);
+
+/// The function behind [`BeforeStart`].
+pub type ConfigHook = dyn Fn(&Path) -> Result<()> + Send + Sync;
+
+impl std::fmt::Debug for BeforeStart {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BeforeStart(..)")
+    }
 }
 
 /// A running private containerd. Field order matters for drop: the
 /// containerd process is cleaned up before the slot and the directory go.
 pub struct Containerd {
     child: Option<Child>,
+    launch: Launch,
     socket: PathBuf,
     snapshotter: String,
     log: PathBuf,
@@ -67,6 +92,33 @@ pub struct Containerd {
     pod_logs: PathBuf,
     slot: net::Slot,
     dir: tempfile::TempDir,
+}
+
+/// How containerd is (re)started.
+struct Launch {
+    config_file: PathBuf,
+    path: String,
+    env: Vec<(String, String)>,
+}
+
+impl Launch {
+    /// Starts containerd, appending its output to `log`.
+    fn spawn(&self, log: &Path) -> Result<Child> {
+        let log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)?;
+        Command::new(CONTAINERD)
+            .arg("--config")
+            .arg(&self.config_file)
+            .env("PATH", &self.path)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone()?)
+            .stderr(log_file)
+            .spawn()
+            .with_context(|| format!("starting {CONTAINERD}"))
+    }
 }
 
 /// Can overlayfs be mounted with upper/work dirs below `dir`?
@@ -134,9 +186,13 @@ impl Containerd {
             sandbox_image: crate::image::PAUSE,
             debug: opts.debug,
             sidetunnel_config: opts.sidetunnel_config.as_deref(),
+            imports: &opts.imports,
             crun: crun.exists().then(|| crun.to_owned()),
         });
         std::fs::write(&config_file, text)?;
+        if let Some(hook) = &opts.before_start {
+            (hook.0)(&config_file).context("before_start hook")?;
+        }
         let conflist = config::cni_conflist(
             &slot.network_name(),
             &slot.bridge(),
@@ -149,8 +205,12 @@ impl Containerd {
         )?;
 
         let log = d.join("containerd.log");
-        let log_file = File::create(&log)?;
-        let mut path = format!("{}:{SYSTEM_PATH}", crate::bins::dir().display());
+        File::create(&log)?;
+        let mut path = if opts.system_path_only {
+            SYSTEM_PATH.to_owned()
+        } else {
+            format!("{}:{SYSTEM_PATH}", crate::bins::dir().display())
+        };
         if let Some(shim) = &opts.sidetunnel_shim {
             let shim_dir = d.join("shim-bin");
             std::fs::create_dir_all(&shim_dir)?;
@@ -158,18 +218,15 @@ impl Containerd {
                 .with_context(|| format!("linking {}", shim.display()))?;
             path = format!("{}:{path}", shim_dir.display());
         }
-        let child = Command::new(CONTAINERD)
-            .arg("--config")
-            .arg(&config_file)
-            .env("PATH", path)
-            .envs(opts.env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::null())
-            .stdout(log_file.try_clone()?)
-            .stderr(log_file)
-            .spawn()
-            .with_context(|| format!("starting {CONTAINERD}"))?;
+        let launch = Launch {
+            config_file,
+            path,
+            env: opts.env.clone(),
+        };
+        let child = launch.spawn(&log)?;
         let mut c = Containerd {
             child: Some(child),
+            launch,
             socket,
             snapshotter,
             log,
@@ -190,6 +247,29 @@ impl Containerd {
             c.bridge()
         );
         Ok(c)
+    }
+
+    /// Restarts containerd as a service manager would (SIGTERM, then the
+    /// same command line), leaving its shims and their containers running;
+    /// returns once CRI answers again. containerd re-attaches to the running
+    /// shims through the addresses recorded in their bundles.
+    pub async fn restart(&mut self) -> Result<()> {
+        let mut child = self.child.take().context("containerd is not running")?;
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        while child.try_wait()?.is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.child = Some(self.launch.spawn(&self.log)?);
+        self.wait_ready().await
     }
 
     async fn wait_ready(&mut self) -> Result<()> {

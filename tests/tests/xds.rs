@@ -4,10 +4,10 @@
 //! `initial_resource_versions`, refusal of a bad token, and the size of a
 //! full wildcard sync of a 1000-pod mesh. No root needed.
 
-use std::io::{BufRead, BufReader};
-use std::net::{IpAddr, SocketAddr};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+mod meshd_support;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,134 +16,8 @@ use netproxy::state::{Address, Store};
 use netproxy::xds::{Backoff, NodeInfo, Subscription, XdsClient, XdsConfig, XdsHandle};
 use prost::Message;
 use sidetunnel_proto::istio::workload as xwl;
-use sidetunnel_tests::bins;
 
-/// Bound for every wait on the client: generous for a slow, busy machine.
-const WAIT: Duration = Duration::from_secs(30);
-
-fn meshd_bin() -> PathBuf {
-    bins::path("sidetunnel-meshd")
-}
-
-fn run_ok(args: &[&str]) -> String {
-    let out = Command::new(meshd_bin())
-        .args(args)
-        .output()
-        .expect("spawn sidetunnel-meshd");
-    assert!(
-        out.status.success(),
-        "sidetunnel-meshd {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).expect("utf-8 output")
-}
-
-/// A meshd state directory (CA, keys) plus an inventory file.
-struct Mesh {
-    dir: tempfile::TempDir,
-}
-
-impl Mesh {
-    fn new(inventory: &str) -> Mesh {
-        let dir = tempfile::tempdir().expect("tempdir");
-        run_ok(&["init", "--dir", dir.path().to_str().unwrap()]);
-        let mesh = Mesh { dir };
-        mesh.write_inventory(inventory);
-        mesh
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    /// Replaces the inventory atomically (meshd must never see half a file).
-    fn write_inventory(&self, yaml: &str) {
-        let tmp = self.path("inventory.yaml.tmp");
-        std::fs::write(&tmp, yaml).expect("write inventory");
-        std::fs::rename(&tmp, self.path("inventory.yaml")).expect("rename inventory");
-    }
-
-    /// Writes a token for `ns`/`sa` to a file and returns its path.
-    fn token(&self, ns: &str, sa: &str) -> PathBuf {
-        let t = run_ok(&[
-            "token",
-            "--dir",
-            self.dir.path().to_str().unwrap(),
-            "--namespace",
-            ns,
-            "--service-account",
-            sa,
-        ]);
-        let path = self.path(&format!("token-{ns}-{sa}"));
-        std::fs::write(&path, t.trim()).expect("write token");
-        path
-    }
-
-    fn serve(&self, listen: &str) -> Meshd {
-        Meshd::start(self.dir.path(), &self.path("inventory.yaml"), listen)
-    }
-}
-
-/// A running `sidetunnel-meshd serve`, killed on drop.
-struct Meshd {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl Meshd {
-    fn start(dir: &Path, inventory: &Path, listen: &str) -> Meshd {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(dir.join("meshd.log"))
-            .expect("meshd log");
-        let mut child = Command::new(meshd_bin())
-            .args(["serve", "--dir", dir.to_str().unwrap()])
-            .args(["--inventory", inventory.to_str().unwrap()])
-            .args(["--listen", listen, "--poll-interval", "100ms"])
-            .stdout(Stdio::piped())
-            .stderr(log)
-            .spawn()
-            .expect("spawn meshd serve");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = BufReader::new(stdout).read_line(&mut line);
-            let _ = tx.send(line);
-        });
-        let line = rx.recv_timeout(WAIT).unwrap_or_default();
-        let Some(addr) = line.trim().strip_prefix("sidetunnel-meshd listening on ") else {
-            let _ = child.kill();
-            let _ = child.wait();
-            let log = std::fs::read_to_string(dir.join("meshd.log")).unwrap_or_default();
-            panic!("meshd did not announce its address (got {line:?}); log:\n{log}");
-        };
-        let addr = addr.parse().expect("meshd address");
-        Meshd { child, addr }
-    }
-
-    fn url(&self) -> String {
-        format!("https://{}", self.addr)
-    }
-
-    fn stop(mut self) -> SocketAddr {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        self.addr
-    }
-}
-
-impl Drop for Meshd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn ip(s: &str) -> IpAddr {
-    s.parse().unwrap()
-}
+use meshd_support::{Mesh, Meshd, WAIT, ip, run_ok};
 
 /// The client pod in every scenario.
 const CLIENT_UID: &str = "Kubernetes//Pod/default/client-1";

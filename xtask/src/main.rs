@@ -2,6 +2,11 @@
 //! runs), the demo and the benchmarks — so a fresh machine needs only the two
 //! commands the README names.
 
+mod bench;
+mod bench_dataplane;
+mod demo;
+mod fuzz;
+
 use std::process::Command;
 
 use anyhow::{Context, Result, bail};
@@ -23,13 +28,25 @@ enum Task {
         args: Vec<String>,
     },
     /// Local containerd + sidetunnel runtime + control plane + two meshed pods.
-    Demo,
+    Demo(demo::DemoArgs),
+    /// libFuzzer targets (tests/fuzz): `smoke`, `run <target> [--time S]`, `list`, `seeds`.
+    Fuzz {
+        #[command(subcommand)]
+        task: fuzz::FuzzTask,
+    },
+    /// Benchmarks: `xds` (issue 6's xDS table), `dataplane` (issue 7's data-path table).
+    Bench {
+        #[command(subcommand)]
+        task: bench::BenchTask,
+    },
 }
 
 fn main() -> Result<()> {
     match Cli::parse().task {
         Task::Test { args } => test(&args),
-        Task::Demo => demo(),
+        Task::Demo(args) => demo::run(&args),
+        Task::Fuzz { task } => fuzz::run(task),
+        Task::Bench { task } => bench::run(task),
     }
 }
 
@@ -67,9 +84,9 @@ fn test(extra: &[String]) -> Result<()> {
     step("cargo test");
     let mut args = vec!["test", "--workspace"];
     args.extend(extra.iter().map(String::as_str));
-    cargo(&args)
-}
-
-fn demo() -> Result<()> {
-    bail!("the demo is not yet available: it lands with the shim (issue 5) and packaging (issue 8)")
+    cargo(&args)?;
+    step("fuzz smoke (every target, a few seconds each)");
+    fuzz::run(fuzz::FuzzTask::Smoke {
+        time: fuzz::SMOKE_SECS,
+    })
 }

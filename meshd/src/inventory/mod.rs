@@ -27,12 +27,16 @@ pub enum LoadError {
 
 /// Parses and converts inventory YAML text. An empty document is an empty mesh.
 pub fn parse(ctx: &Context, text: &str) -> Result<Snapshot, LoadError> {
-    let inv: Inventory = if text.trim().is_empty() {
-        Inventory::default()
+    Ok(convert::convert(ctx, &parse_model(text)?)?)
+}
+
+/// Parses inventory YAML text into the model, without converting it.
+pub fn parse_model(text: &str) -> Result<Inventory, LoadError> {
+    if text.trim().is_empty() {
+        Ok(Inventory::default())
     } else {
-        serde_yaml::from_str(text)?
-    };
-    Ok(convert::convert(ctx, &inv)?)
+        Ok(serde_yaml::from_str(text)?)
+    }
 }
 
 /// Reads, parses and converts an inventory file.

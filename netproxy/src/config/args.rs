@@ -193,6 +193,25 @@ pub struct ProxyArgs {
         help_heading = "Runtime"
     )]
     pub on_demand_timeout: Option<String>,
+    /// How long an on-demand destination may go unused before its xDS
+    /// subscription is dropped [default: 10m].
+    #[arg(
+        long,
+        env = "SIDETUNNEL_XDS_IDLE_TIMEOUT",
+        value_name = "DURATION",
+        help_heading = "Runtime"
+    )]
+    pub xds_idle_timeout: Option<String>,
+    /// Destinations subscribed at start in on-demand mode, comma separated:
+    /// IPs, `name.namespace.svc[.domain]` or `namespace/hostname`.
+    #[arg(
+        long,
+        env = "SIDETUNNEL_XDS_PREFETCH",
+        value_delimiter = ',',
+        help_heading = "Runtime"
+    )]
+    #[serde(default)]
+    pub xds_prefetch: Vec<String>,
     /// HBONE streams per pooled connection [default: 100].
     #[arg(long, env = "SIDETUNNEL_POOL_MAX_STREAMS", help_heading = "Runtime")]
     pub pool_max_streams: Option<u16>,
@@ -273,8 +292,8 @@ impl ProxyArgs {
             roots_file, outbound_port, inbound_plaintext_port, hbone_port, metrics_port,
             readiness_port, mark, admin_socket, drain_grace_period, connect_timeout,
             on_demand_timeout, pool_max_streams, pool_idle_timeout, worker_threads, log_format, log_level,
-            inbound_policy;
-            pod_ips, probe_sources)
+            inbound_policy, xds_idle_timeout;
+            pod_ips, probe_sources, xds_prefetch)
     }
 
     /// Applies defaults and validates.
@@ -404,6 +423,10 @@ impl ProxyArgs {
             ));
         }
 
+        // Checked here so a bad entry fails the start with the flag named.
+        crate::xds::prefetch_names(&self.xds_prefetch, &pod.network)
+            .map_err(|e| ConfigError::invalid("xds-prefetch", &e.entry, &e.reason))?;
+
         Ok(Config {
             pod,
             worker_threads,
@@ -417,6 +440,12 @@ impl ProxyArgs {
             drain_grace_period: duration_or("drain-grace-period", self.drain_grace_period, 5)?,
             connect_timeout: duration_or("connect-timeout", self.connect_timeout, 10)?,
             on_demand_timeout: duration_or("on-demand-timeout", self.on_demand_timeout, 5)?,
+            xds_idle_timeout: duration_or(
+                "xds-idle-timeout",
+                self.xds_idle_timeout,
+                crate::xds::DEFAULT_IDLE_TIMEOUT.as_secs(),
+            )?,
+            xds_prefetch: self.xds_prefetch,
             pool: PoolConfig {
                 max_streams_per_conn: pool_max_streams,
                 idle_timeout: duration_or("pool-idle-timeout", self.pool_idle_timeout, 300)?,

@@ -203,6 +203,11 @@ pub struct Config {
     pub connect_timeout: Duration,
     #[serde(with = "parse::duration_serde")]
     pub on_demand_timeout: Duration,
+    /// Unused on-demand destinations are unsubscribed after this long.
+    #[serde(with = "parse::duration_serde")]
+    pub xds_idle_timeout: Duration,
+    /// Destinations subscribed at start (on-demand mode), as given.
+    pub xds_prefetch: Vec<String>,
     pub pool: PoolConfig,
     pub worker_threads: usize,
     pub log_format: LogFormat,

@@ -248,3 +248,24 @@ fn duration_and_mark_parsers() {
     assert_eq!(parse_mark("1337").unwrap(), 1337);
     assert!(parse_mark("0x").is_err());
 }
+
+#[test]
+fn xds_scoping_flags_parse_and_validate() {
+    let c = parse(&[]).unwrap();
+    assert_eq!(c.xds_idle_timeout, crate::xds::DEFAULT_IDLE_TIMEOUT);
+    assert!(c.xds_prefetch.is_empty());
+
+    let c = parse(&[
+        "--xds-idle-timeout",
+        "90s",
+        "--xds-prefetch",
+        "10.0.0.7,reviews.shop.svc",
+    ])
+    .unwrap();
+    assert_eq!(c.xds_idle_timeout, Duration::from_secs(90));
+    assert_eq!(c.xds_prefetch, vec!["10.0.0.7", "reviews.shop.svc"]);
+
+    let bad = parse(&["--xds-prefetch", "example.com"]).unwrap_err();
+    assert!(bad.to_string().contains("xds-prefetch"), "{bad}");
+    assert!(parse(&["--xds-idle-timeout", "soon"]).is_err());
+}

@@ -311,10 +311,14 @@ impl XdsClient {
             .http2_keep_alive_interval(Duration::from_secs(30))
             .keep_alive_timeout(Duration::from_secs(10))
             .keep_alive_while_idle(true);
-        endpoint.connect().await.map_err(|e| XdsError::Connect {
-            address: cfg.address.clone(),
-            reason: error_chain(&e),
-        })
+        let connector = crate::tls::MarkedConnector::new(cfg.mark);
+        endpoint
+            .connect_with_connector(connector)
+            .await
+            .map_err(|e| XdsError::Connect {
+                address: cfg.address.clone(),
+                reason: error_chain(&e),
+            })
     }
 
     async fn token(&self) -> Result<Option<String>, XdsError> {

@@ -14,9 +14,10 @@ impl XdsConfig {
     ///   (add a prefetch list with [`XdsConfig::add_prefetch`]);
     /// * Authorization: the same uid, which sidetunnel-meshd resolves to the
     ///   policies that apply to the workload (mesh-wide, its namespace's and
-    ///   those selecting it). This extends istiod, which only knows policy
-    ///   names (`namespace/name`) there: against istiod set
-    ///   `authorizations` to [`Subscription::Wildcard`].
+    ///   those selecting it). This extends istiod's semantics; istiod itself
+    ///   ignores Authorization names (it sends every policy and lists the
+    ///   uid as removed), so the same subscription degrades to "all
+    ///   policies" there.
     ///
     /// In wildcard mode both types are wildcard, as a node ztunnel subscribes.
     pub fn from_proxy_config(c: &Config) -> XdsConfig {

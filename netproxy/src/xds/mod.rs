@@ -96,6 +96,9 @@ pub struct XdsConfig {
     /// On-demand Address names not used for this long are unsubscribed and
     /// their resources removed (initial names are kept). `None`: never.
     pub idle_timeout: Option<Duration>,
+    /// SO_MARK of the connection to the server (the proxy's mark, so the
+    /// pod's redirection ruleset does not capture it); 0: unmarked.
+    pub mark: u32,
 }
 
 impl XdsConfig {
@@ -116,6 +119,7 @@ impl XdsConfig {
             connect_timeout: Duration::from_secs(5),
             backoff: Backoff::default(),
             idle_timeout: None,
+            mark: 0,
         }
     }
 

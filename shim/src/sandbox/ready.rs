@@ -40,12 +40,18 @@ fn probe_blocking(netns: &Path, port: u16, path: &str) -> Result<(), String> {
     let req = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n");
     s.write_all(req.as_bytes())
         .map_err(|e| format!("send request: {e}"))?;
+    // Read the status line and, for a refusal, the start of the body: the
+    // proxy says there what it still waits for (`not ready: waiting for
+    // certificate`), which the start error then names.
     let mut buf = [0u8; 256];
     let mut got = Vec::new();
-    while !got.windows(2).any(|w| w == b"\r\n") && got.len() < 256 {
-        let n = s
-            .read(&mut buf)
-            .map_err(|e| format!("read response: {e}"))?;
+    while got.len() < MAX_RESPONSE {
+        let n = match s.read(&mut buf) {
+            Ok(n) => n,
+            // A status line is enough; the body is only an explanation.
+            Err(_) if got.windows(2).any(|w| w == b"\r\n") => break,
+            Err(e) => return Err(format!("read response: {e}")),
+        };
         if n == 0 {
             break;
         }
@@ -54,15 +60,28 @@ fn probe_blocking(netns: &Path, port: u16, path: &str) -> Result<(), String> {
     status_ok(&got)
 }
 
-/// Accepts `HTTP/1.x 200 ...` as ready.
-pub fn status_ok(head: &[u8]) -> Result<(), String> {
-    let line = String::from_utf8_lossy(head);
-    let line = line.lines().next().unwrap_or("").trim();
+/// Most of a readiness response read.
+const MAX_RESPONSE: usize = 1024;
+/// Most of a refusal's body quoted in the error.
+const MAX_REASON: usize = 200;
+
+/// Accepts `HTTP/1.x 200 ...` as ready; otherwise says what was answered,
+/// with the first line of the body when there is one.
+pub fn status_ok(response: &[u8]) -> Result<(), String> {
+    let text = String::from_utf8_lossy(response);
+    let line = text.lines().next().unwrap_or("").trim();
     let mut parts = line.split(' ');
     match (parts.next(), parts.next()) {
         (Some(v), Some("200")) if v.starts_with("HTTP/1.") => Ok(()),
         (Some(v), Some(code)) if v.starts_with("HTTP/") => {
-            Err(format!("readiness endpoint answered {code}"))
+            let reason = text
+                .split_once("\r\n\r\n")
+                .and_then(|(_, body)| body.lines().map(str::trim).find(|l| !l.is_empty()))
+                .map(|l| l.chars().take(MAX_REASON).collect::<String>());
+            Err(match reason {
+                Some(r) => format!("readiness endpoint answered {code}: {r:?}"),
+                None => format!("readiness endpoint answered {code}"),
+            })
         }
         _ => Err(format!("not an HTTP response: {line:?}")),
     }
@@ -79,6 +98,11 @@ mod tests {
         assert_eq!(
             status_ok(b"HTTP/1.1 503 Service Unavailable\r\n").unwrap_err(),
             "readiness endpoint answered 503"
+        );
+        assert_eq!(
+            status_ok(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 38\r\n\r\nnot ready: waiting for certificate\n")
+                .unwrap_err(),
+            "readiness endpoint answered 503: \"not ready: waiting for certificate\""
         );
         assert!(status_ok(b"SSH-2.0\r\n").is_err());
         assert!(status_ok(b"").is_err());

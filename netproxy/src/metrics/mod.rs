@@ -1,0 +1,64 @@
+//! Telemetry: Prometheus metrics with Istio's names and labels (served on
+//! the metrics port as text exposition) and the per-connection access log.
+//!
+//! Submodules: `traffic` (TCP connection metrics, labels, the per-connection
+//! recorder that also writes the access log) and `xds` (control-plane
+//! counters, read from the xDS client at scrape time). Traffic metrics are
+//! registered under the `istio_` prefix, so counters come out as e.g.
+//! `istio_tcp_connections_opened_total`.
+
+mod traffic;
+mod xds;
+
+use prometheus_client::registry::Registry;
+
+pub use traffic::{
+    ConnectionOpen, ConnectionRecorder, Peer, Reporter, ResponseFlags, SecurityPolicy,
+    TrafficLabels, TrafficMetrics,
+};
+pub use xds::XdsMetrics;
+
+/// All of the proxy's metrics. Share as `Arc<Metrics>`.
+pub struct Metrics {
+    registry: Registry,
+    pub traffic: TrafficMetrics,
+    pub xds: XdsMetrics,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let traffic = TrafficMetrics::new(registry.sub_registry_with_prefix("istio"));
+        let xds = XdsMetrics::default();
+        registry.register_collector(Box::new(xds.clone()));
+        Metrics {
+            registry,
+            traffic,
+            xds,
+        }
+    }
+
+    /// The Prometheus text exposition (OpenMetrics text, which Prometheus
+    /// and Istio's tooling scrape).
+    pub fn encode(&self) -> String {
+        let mut out = String::with_capacity(4096);
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests;

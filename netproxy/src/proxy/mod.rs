@@ -1,0 +1,254 @@
+//! The data path, running inside the pod's network namespace:
+//! * outbound capture (15001): app connections NAT-redirected by the
+//!   ruleset; original destination → store lookup → HBONE or passthrough;
+//! * inbound HBONE (15008): mTLS + HTTP/2 CONNECT, authorization, then a
+//!   connection to the app that keeps the client's source IP;
+//! * inbound plaintext (15006, TPROXY): PeerAuthentication mode and
+//!   authorization without identity, then the same source-preserving
+//!   connection to the app.
+//!
+//! Every socket carries the proxy mark. On shutdown the listeners close
+//! first, open connections get the grace period, then are cut.
+//!
+//! Submodules: `socket` (marks, TPROXY, original destination), `route`
+//! (destination choice), `outbound`, `inbound` (HBONE), `plaintext`,
+//! `drain` (graceful shutdown), `upstream` (connection to the local app).
+
+mod app;
+pub mod drain;
+mod inbound;
+mod outbound;
+mod plaintext;
+pub mod route;
+pub mod socket;
+mod upstream;
+
+use std::io;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tracing::{info, warn};
+
+use crate::config::Config;
+use crate::hbone::{self, H2Config, Pool, SocketFactory};
+use crate::identity::{CertificateManager, Identity};
+use crate::metrics::Metrics;
+use crate::state::{Store, Workload};
+
+pub use app::{StartError, run as run_app};
+pub use drain::Drain;
+
+/// Everything the connection handlers share.
+pub struct ProxyInputs {
+    pub cfg: Arc<Config>,
+    pub store: Arc<Store>,
+    pub certs: CertificateManager,
+    pub metrics: Arc<Metrics>,
+    pub pool: Pool,
+    pub h2: H2Config,
+    /// The pod's own IPs (connections to them on the proxy's ports are
+    /// self-calls; inbound targets must be one of them).
+    pub local_ips: Vec<IpAddr>,
+}
+
+impl ProxyInputs {
+    /// Builds the shared inputs; the HBONE pool opens marked sockets.
+    pub fn new(
+        cfg: Arc<Config>,
+        store: Arc<Store>,
+        certs: CertificateManager,
+        metrics: Arc<Metrics>,
+        local_ips: Vec<IpAddr>,
+    ) -> Arc<Self> {
+        let h2 = H2Config {
+            max_streams_per_conn: cfg.pool.max_streams_per_conn,
+            idle_timeout: cfg.pool.idle_timeout,
+            connect_timeout: cfg.connect_timeout,
+            ..H2Config::default()
+        };
+        let sockets = Arc::new(MarkedSockets {
+            mark: cfg.mark,
+            timeout: cfg.connect_timeout,
+        });
+        let pool = Pool::new(h2.clone(), certs.clone(), sockets);
+        Arc::new(ProxyInputs {
+            cfg,
+            store,
+            certs,
+            metrics,
+            pool,
+            h2,
+            local_ips,
+        })
+    }
+
+    fn network(&self) -> &str {
+        &self.cfg.pod.network
+    }
+
+    fn is_local(&self, ip: IpAddr) -> bool {
+        ip.is_loopback() || self.local_ips.contains(&ip)
+    }
+
+    /// A connection to one of the proxy's own capture ports on this pod
+    /// would loop through the proxy forever.
+    fn is_self_call(&self, dst: SocketAddr) -> bool {
+        self.is_local(dst.ip()) && self.cfg.ports.self_call_ports().contains(&dst.port())
+    }
+
+    /// This proxy's identity (fixed for its lifetime).
+    fn identity(&self) -> Identity {
+        self.certs.identity().clone()
+    }
+
+    /// The workload at `ip`, fetching it on demand within `bound`; `None`
+    /// when unknown (metrics then say `unknown`).
+    async fn workload_at(&self, ip: IpAddr, bound: Duration) -> Option<Arc<Workload>> {
+        if let Some(w) = self.store.workload_by_ip(self.network(), ip) {
+            return Some(w);
+        }
+        match tokio::time::timeout(bound, self.store.fetch_on_demand(self.network(), ip)).await {
+            Ok(Ok(Some(crate::state::Address::Workload(w)))) => Some(w),
+            _ => None,
+        }
+    }
+}
+
+/// The pool's socket factory: marked sockets, bounded connect.
+struct MarkedSockets {
+    mark: u32,
+    timeout: Duration,
+}
+
+impl SocketFactory for MarkedSockets {
+    fn connect(
+        &self,
+        addr: SocketAddr,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = io::Result<TcpStream>> + Send + '_>>
+    {
+        Box::pin(async move {
+            let (s, _, _) = socket::connect(addr, None, self.mark, self.timeout).await?;
+            Ok(s)
+        })
+    }
+}
+
+/// The three data-path listeners, bound before anything else starts so a
+/// port clash fails the start with a clear error.
+pub struct Listeners {
+    pub outbound: TcpListener,
+    pub inbound_plaintext: TcpListener,
+    pub hbone: TcpListener,
+}
+
+/// Errors binding the listeners.
+#[derive(Debug, thiserror::Error)]
+#[error("binding the {what} listener on port {port}: {source}")]
+pub struct BindError {
+    what: &'static str,
+    port: u16,
+    source: io::Error,
+}
+
+impl Listeners {
+    /// Binds all listeners on the unspecified address (dual-stack when the
+    /// netns has IPv6). The plaintext one is transparent (TPROXY target).
+    pub fn bind(cfg: &Config) -> Result<Listeners, BindError> {
+        let any = |port| SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port);
+        let bind = |what, port, transparent| {
+            socket::listener(any(port), cfg.mark, transparent).map_err(|source| BindError {
+                what,
+                port,
+                source,
+            })
+        };
+        Ok(Listeners {
+            outbound: bind("outbound", cfg.ports.outbound, false)?,
+            inbound_plaintext: bind("inbound plaintext", cfg.ports.inbound_plaintext, true)?,
+            hbone: bind("HBONE", cfg.ports.hbone, false)?,
+        })
+    }
+}
+
+/// Runs the listeners until `drain` stops accepting. `acceptor` verifies
+/// HBONE clients (see [`crate::tls::HboneAcceptor`]).
+pub async fn run(
+    pi: Arc<ProxyInputs>,
+    listeners: Listeners,
+    acceptor: crate::tls::HboneAcceptor,
+    drain: Drain,
+) {
+    info!(
+        outbound = %local(&listeners.outbound),
+        inbound_plaintext = %local(&listeners.inbound_plaintext),
+        hbone = %local(&listeners.hbone),
+        "listeners ready"
+    );
+    let out = {
+        let pi = pi.clone();
+        accept_loop(listeners.outbound, drain.clone(), move |s, peer, d| {
+            outbound::handle(pi.clone(), s, peer, d)
+        })
+    };
+    let plain = {
+        let pi = pi.clone();
+        accept_loop(
+            listeners.inbound_plaintext,
+            drain.clone(),
+            move |s, peer, d| plaintext::handle(pi.clone(), s, peer, d),
+        )
+    };
+    let hb = {
+        let pi = pi.clone();
+        accept_loop(listeners.hbone, drain.clone(), move |s, peer, d| {
+            inbound::handle(pi.clone(), acceptor.clone(), s, peer, d)
+        })
+    };
+    tokio::join!(out, plain, hb);
+}
+
+fn local(l: &TcpListener) -> String {
+    l.local_addr().map(|a| a.to_string()).unwrap_or_default()
+}
+
+/// Accepts until the drain stops accepting; each connection runs on its own
+/// tracked task (cut when the grace period ends).
+async fn accept_loop<F, Fut>(listener: TcpListener, drain: Drain, handler: F)
+where
+    F: Fn(TcpStream, SocketAddr, Drain) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = drain.accepting_stopped() => break,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // EMFILE and friends: back off rather than spin.
+                    warn!("accept on {}: {e}", local(&listener));
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        drain.spawn(handler(stream, socket::canonical(peer), drain.clone()));
+    }
+    // Dropping the listener closes the port: new connections are refused
+    // (the ruleset then resets redirected ones) while open ones drain.
+}
+
+/// Response flag for an HBONE client failure.
+fn hbone_flag(e: &hbone::HboneError) -> crate::metrics::ResponseFlags {
+    use crate::metrics::ResponseFlags as F;
+    match e {
+        hbone::HboneError::Tls(_) => F::TlsFailure,
+        hbone::HboneError::H2(_) => F::Http2HandshakeFailure,
+        hbone::HboneError::Status(s) if *s == http::StatusCode::UNAUTHORIZED => {
+            F::AuthorizationPolicyDenied
+        }
+        _ => F::ConnectionFailure,
+    }
+}
