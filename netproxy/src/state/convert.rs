@@ -141,7 +141,7 @@ pub fn workload(w: &xwl::Workload) -> Result<Workload, ConvertError> {
         trust_domain: w.trust_domain.clone(),
         addresses,
         hostname: w.hostname.clone(),
-        network: w.network.clone(),
+        network: network_name("workload.network", &w.network)?,
         protocol,
         waypoint: w
             .waypoint
@@ -185,9 +185,19 @@ fn port_map(field: &str, ports: &[xwl::Port]) -> Result<PortMap, ConvertError> {
 
 fn network_address(field: &str, a: &xwl::NetworkAddress) -> Result<NetworkAddr, ConvertError> {
     Ok(NetworkAddr::new(
-        a.network.clone(),
+        network_name(&format!("{field}.network"), &a.network)?,
         ip_from_bytes(&format!("{field}.address"), &a.address)?,
     ))
+}
+
+/// Network names are Kubernetes label values, which never contain `/`; one
+/// that did would make the `network/IP` alias ambiguous, so lookups and
+/// removals by alias would silently miss (found by the xds_address fuzzer).
+fn network_name(field: &str, network: &str) -> Result<String, ConvertError> {
+    if network.contains('/') {
+        return Err(err(field, format!("network name {network:?} contains '/'")));
+    }
+    Ok(network.to_owned())
 }
 
 fn gateway(field: &str, g: &xwl::GatewayAddress) -> Result<GatewayAddress, ConvertError> {

@@ -117,6 +117,11 @@ fn rejects_malformed_resources_naming_the_field() {
         "workload.tunnel_protocol"
     );
 
+    // A '/' in a network name would make the network/IP alias ambiguous.
+    let mut w = proto_workload("bad", &["10.0.0.1"], &[]);
+    w.network = "a/b".into();
+    assert_eq!(convert::workload(&w).unwrap_err().field, "workload.network");
+
     let mut w = proto_workload("bad", &[], &["no-slash"]);
     w.uid.clear();
     assert!(convert::workload(&w).is_err());

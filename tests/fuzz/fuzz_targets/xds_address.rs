@@ -38,14 +38,7 @@ fuzz_target!(|data: &[u8]| {
             for key in w.network_addrs() {
                 let found = store.workload_by_ip(&key.network, key.address);
                 assert_eq!(found.map(|f| f.uid.clone()), Some(w.uid.clone()));
-                // Known gap (reported to the state owner): a network name
-                // containing '/' is accepted by conversion but its
-                // `network/IP` alias cannot be parsed back, so the alias
-                // lookup misses. Drop this condition once conversion
-                // rejects such names (regressions/xds_address/network-slash).
-                if !key.network.contains('/') {
-                    assert!(store.lookup_name(&key.to_string()).is_some(), "{key}");
-                }
+                assert!(store.lookup_name(&key.to_string()).is_some(), "{key}");
                 ips.push((key.network.clone(), key.address));
             }
             let _ = store.policies_for(w);
