@@ -715,7 +715,7 @@ fn ipv6_disabled_pod_installs_and_captures_ipv4() {
 /// Measurement, not a check: `cargo test -p sidetunnel-tests --test redirect
 /// -- --ignored --nocapture install_time`.
 #[test]
-#[ignore]
+#[ignore = "measurement (100 netns, prints the median install time): run with --ignored --nocapture"]
 fn install_time_median_over_100_netns() {
     if !(prereq::root("install_time") && prereq::binary("install_time", "nft")) {
         return;
