@@ -158,6 +158,7 @@ impl JwtKey {
     }
 
     pub fn issue(&self, req: &TokenRequest) -> Result<String, JwtError> {
+        check_names(&req.namespace, &req.service_account)?;
         let now = now_secs();
         let sa_uid = uid_for(&format!("{}/{}", req.namespace, req.service_account));
         let claims = Claims {
@@ -222,13 +223,15 @@ impl JwtKey {
             .verify(signing_input.as_bytes(), &sig)
             .map_err(|_| JwtError::Signature)?;
         let claims: Claims = decode_json(p, "payload")?;
-        if now > claims.exp + LEEWAY_SECS {
+        // Saturating: a signed `exp`/`nbf` near u64::MAX must not overflow
+        // (a panic in debug builds, a wrapped and wrong window in release).
+        if now > claims.exp.saturating_add(LEEWAY_SECS) {
             return Err(JwtError::Expired {
                 exp: claims.exp,
                 now,
             });
         }
-        if claims.nbf > now + LEEWAY_SECS {
+        if claims.nbf > now.saturating_add(LEEWAY_SECS) {
             return Err(JwtError::NotYetValid {
                 nbf: claims.nbf,
                 now,
@@ -241,8 +244,36 @@ impl JwtKey {
     }
 }
 
-/// Namespace and service account from `kubernetes.io`, else from `sub`.
+/// The claimed identity, whose namespace and service account must be valid
+/// SPIFFE path segments: they are pasted into
+/// `spiffe://<td>/ns/<namespace>/sa/<service-account>`, where a `/` would
+/// let two tokens (namespace `a/sa/b`, and service account `b/sa/c` in
+/// namespace `a`) name the same identity.
 fn identity(claims: &Claims) -> Result<Identity, JwtError> {
+    let id = claimed_identity(claims)?;
+    check_names(&id.namespace, &id.service_account)?;
+    Ok(id)
+}
+
+fn check_names(namespace: &str, service_account: &str) -> Result<(), JwtError> {
+    for (what, v) in [
+        ("namespace", namespace),
+        ("service account", service_account),
+    ] {
+        let ok = !v.is_empty()
+            && v.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+        if !ok {
+            return Err(JwtError::Identity(format!(
+                "{what} {v:?} is not a SPIFFE path segment ([A-Za-z0-9._-])"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Namespace and service account from `kubernetes.io`, else from `sub`.
+fn claimed_identity(claims: &Claims) -> Result<Identity, JwtError> {
     if let Some(k) = &claims.kubernetes {
         if k.namespace.is_empty() || k.serviceaccount.name.is_empty() {
             return Err(JwtError::Identity(
@@ -384,6 +415,63 @@ mod tests {
         );
         assert_eq!(k.verify("abc"), Err(JwtError::Malformed));
         assert_eq!(k.verify("a.b.c"), Err(JwtError::Base64("header")));
+    }
+
+    /// Fuzz findings (tests/fuzz, target `jwt_claims`): validly signed
+    /// claims that must be refused, not panic or name a forged identity.
+    #[test]
+    fn signed_edge_claims_refused() {
+        let k = key();
+        let now = now_secs();
+        let claims = |sub: &str, exp: u64, nbf: u64, kubernetes| Claims {
+            iss: ISSUER.into(),
+            sub: sub.into(),
+            aud: Audience::One(AUDIENCE.into()),
+            exp,
+            iat: 0,
+            nbf,
+            kubernetes,
+        };
+        // exp near u64::MAX: `exp + leeway` overflowed (debug panic).
+        let t = k
+            .sign(&claims("system:serviceaccount:a:b", u64::MAX, 0, None))
+            .unwrap();
+        assert_eq!(k.verify(&t).unwrap().service_account, "b");
+        let t = k
+            .sign(&claims(
+                "system:serviceaccount:a:b",
+                now + 100,
+                u64::MAX,
+                None,
+            ))
+            .unwrap();
+        assert!(matches!(k.verify(&t), Err(JwtError::NotYetValid { .. })));
+        // `/` in a name: both tokens would be spiffe://td/ns/a/sa/b/sa/c.
+        let slash_sa = claims("system:serviceaccount:a:b/sa/c", now + 100, 0, None);
+        let slash_ns = claims(
+            "",
+            now + 100,
+            0,
+            Some(KubernetesClaims {
+                namespace: "a/sa/b".into(),
+                serviceaccount: NameUid {
+                    name: "c".into(),
+                    uid: String::new(),
+                },
+                pod: None,
+            }),
+        );
+        for c in [slash_sa, slash_ns] {
+            let t = k.sign(&c).unwrap();
+            assert!(
+                matches!(&k.verify(&t), Err(JwtError::Identity(m)) if m.contains("SPIFFE")),
+                "{:?}",
+                k.verify(&t)
+            );
+        }
+        let mut bad = req();
+        bad.namespace = "a/b".into();
+        assert!(matches!(k.issue(&bad), Err(JwtError::Identity(_))));
     }
 
     #[test]

@@ -367,6 +367,60 @@ impl<'a> CostModel<'a> {
     }
 }
 
+/// How scoped bytes spread over all pods of a scenario, each talking to `k`
+/// services: a single pod can be far from typical (a destination's size is
+/// its endpoint count, and replicas are skewed), so the bench reports its
+/// pod next to these and picks the median pod as its pod.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Spread {
+    pub k: usize,
+    pub pods: usize,
+    pub min: usize,
+    pub p10: usize,
+    pub median: usize,
+    pub mean: f64,
+    pub p90: usize,
+    pub max: usize,
+    /// Index of the median pod (ties broken by index, so it is stable).
+    pub median_pod: usize,
+}
+
+impl Spread {
+    /// The spread of `per_pod` (scoped bytes, indexed by pod); `None` when empty.
+    pub fn of(k: usize, per_pod: &[usize]) -> Option<Spread> {
+        let mut ranked: Vec<(usize, usize)> = per_pod.iter().copied().zip(0..).collect();
+        ranked.sort_unstable();
+        let n = ranked.len();
+        // Nearest rank below: for q = 0.5 this is the median pod's rank.
+        let at = |q: f64| ranked[((n - 1) as f64 * q) as usize].0;
+        Some(Spread {
+            k,
+            pods: n,
+            min: ranked.first()?.0,
+            p10: at(0.1),
+            median: at(0.5),
+            mean: per_pod.iter().sum::<usize>() as f64 / n as f64,
+            p90: at(0.9),
+            max: ranked.last()?.0,
+            median_pod: ranked[(n - 1) / 2].1,
+        })
+    }
+}
+
+/// Scoped bytes (as [`Scoped::total_bytes`]) of every pod, in pod order,
+/// each talking to its `k` destinations.
+pub fn scoped_per_pod(model: &CostModel<'_>, k: usize) -> Vec<usize> {
+    model
+        .workloads()
+        .enumerate()
+        .map(|(i, uid)| {
+            model
+                .scoped(uid, &model.destinations(i, uid, k))
+                .total_bytes()
+        })
+        .collect()
+}
+
 /// Cluster-wide totals of one scenario for both subscription modes.
 #[derive(Debug, Clone, Serialize)]
 pub struct ClusterTotals {
@@ -435,5 +489,38 @@ pub fn cluster_totals(model: &CostModel<'_>, k: usize) -> ClusterTotals {
         churn_push_wildcard: push_wildcard,
         churn_push_scoped: push_scoped,
         churn_receivers_scoped: receivers.len(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spread_ranks_pods_and_breaks_ties_by_index() {
+        let s = Spread::of(10, &[50, 10, 30, 30, 20]).unwrap();
+        assert_eq!((s.min, s.median, s.max, s.pods), (10, 30, 50, 5));
+        assert_eq!(s.median_pod, 2);
+        assert!((s.mean - 28.0).abs() < 1e-9);
+        assert_eq!((s.p10, s.p90), (10, 30));
+        assert!(Spread::of(1, &[]).is_none());
+    }
+
+    #[test]
+    fn median_pod_of_scenario_a_is_typical() {
+        let snap = snapshot(&SCENARIOS[0].inventory().unwrap()).unwrap();
+        let m = CostModel::new(&snap);
+        let per_pod = scoped_per_pod(&m, 10);
+        assert_eq!(per_pod.len(), 1000);
+        let s = Spread::of(10, &per_pod).unwrap();
+        assert_eq!(per_pod[s.median_pod], s.median);
+        let below = per_pod.iter().filter(|&&b| b < s.median).count();
+        let above = per_pod.iter().filter(|&&b| b > s.median).count();
+        assert!(below <= 500 && above <= 500, "{below} below, {above} above");
+        assert!(s.min < s.median && s.median < s.max, "{s:?}");
+        // Every pod's cost is the model's scoped set for its destinations.
+        let uid = m.workloads().nth(s.median_pod).unwrap();
+        let dests = m.destinations(s.median_pod, uid, 10);
+        assert_eq!(m.scoped(uid, &dests).total_bytes(), s.median);
     }
 }

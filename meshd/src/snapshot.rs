@@ -107,9 +107,14 @@ pub fn alias(network: &str, ip: std::net::IpAddr) -> String {
     format!("{network}/{ip}")
 }
 
+/// 48 bits of the content's SHA-256 in 8 base64url characters: versions
+/// ride on every resource (istiod sends none), so they are kept short, and
+/// 48 bits keep the chance that a change goes unpushed (same version for
+/// new content) negligible.
 fn version_of(body: &[u8]) -> String {
+    use base64::Engine;
     let d = ring::digest::digest(&ring::digest::SHA256, body);
-    d.as_ref()[..6].iter().map(|b| format!("{b:02x}")).collect()
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&d.as_ref()[..6])
 }
 
 /// Wraps an encoded message as `Address.workload` (1) or `Address.service` (2).

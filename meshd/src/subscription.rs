@@ -9,7 +9,7 @@ use std::collections::{BTreeSet, HashMap};
 
 use sidetunnel_proto::envoy::service::discovery::v3::{DeltaDiscoveryRequest, Resource};
 
-use crate::snapshot::{Snapshot, TypeDiff, TypeUrl};
+use crate::snapshot::{Kind, Snapshot, TypeDiff, TypeUrl};
 
 const WILDCARD: &str = "*";
 
@@ -96,9 +96,8 @@ impl Watch {
 
     /// Handles a later request on the stream.
     pub fn on_request(&mut self, req: &DeltaDiscoveryRequest, snap: &Snapshot) -> Reaction {
-        if let Some(err) = &req.error_detail {
-            return Reaction::Nack(format!("code {}: {}", err.code, err.message));
-        }
+        // Subscription changes count whatever else the request carries: the
+        // delta protocol lets a client put them in an ACK or NACK too.
         let mut requested = Vec::new();
         let mut wildcard_added = false;
         for n in &req.resource_names_subscribe {
@@ -121,6 +120,9 @@ impl Watch {
         }
         if !requested.is_empty() || wildcard_added {
             return Reaction::Respond(self.full(snap, &requested));
+        }
+        if let Some(err) = &req.error_detail {
+            return Reaction::Nack(format!("code {}: {}", err.code, err.message));
         }
         let acked = !req.response_nonce.is_empty()
             && self.nonce_sent.as_deref() == Some(req.response_nonce.as_str());
@@ -172,6 +174,12 @@ impl Watch {
             for n in &self.names {
                 snap.resolve(t, n, &mut desired);
             }
+            if t == TypeUrl::Authorization && self.names.iter().any(|n| is_workload_uid(snap, n)) {
+                // Test-only: `raw:` policies cannot be attributed to any
+                // workload, so every uid-scoped subscription carries them
+                // (fault tests serve broken policies this way).
+                desired.extend(raw_names(snap, t));
+            }
             // Sticky: keep following what the names resolved to.
             self.names.extend(desired.iter().cloned());
         }
@@ -214,6 +222,25 @@ impl Watch {
         self.sent = sent;
         out
     }
+}
+
+/// Whether Authorization subscription name `name` is a workload uid (the
+/// scoped form) rather than a policy's `namespace/name`: a workload of the
+/// snapshot, or istiod's uid shape `<cluster>//<Kind>/<ns>/<name>` (the
+/// workload may not exist yet).
+fn is_workload_uid(snap: &Snapshot, name: &str) -> bool {
+    name.contains("//")
+        || snap
+            .get(TypeUrl::Address, name)
+            .is_some_and(|e| e.kind == Kind::Workload)
+}
+
+/// Names of the resources of type `t` served verbatim (inventory `raw:`).
+fn raw_names(snap: &Snapshot, t: TypeUrl) -> impl Iterator<Item = String> + '_ {
+    snap.table(t)
+        .iter()
+        .filter(|(_, e)| e.kind == Kind::Raw)
+        .map(|(n, _)| n.clone())
 }
 
 #[cfg(test)]
@@ -349,6 +376,13 @@ policies:
             w.on_request(&nack, &s),
             Reaction::Nack("code 3: bad workload".into())
         );
+        // Names subscribed in an ACK or a NACK are answered all the same.
+        for (nonce, error) in [("n1", None), ("n1", nack.error_detail.clone())] {
+            let mut r = req(&["/10.9.9.9"], &[]);
+            r.response_nonce = nonce.into();
+            r.error_detail = error;
+            assert_eq!(respond(w.on_request(&r, &s)).removed, ["/10.9.9.9"]);
+        }
         // A NACKed version is not resent on an unrelated change.
         let s2 = snap(&INV.replace("10.0.0.4]", "10.0.0.5]"));
         let d = s2.diff_from(&s);
@@ -442,6 +476,42 @@ policies:
         let (mut w, _) = Watch::first(TypeUrl::Authorization, &r, &s);
         let out = respond(w.on_request(&req(&["K//Pod/ns/a1", "other/p3"], &[]), &s));
         assert_eq!(names(&out), ["istio-system/mesh", "ns/p1", "other/p3"]);
+    }
+
+    #[test]
+    fn raw_policies_reach_every_uid_scoped_subscription() {
+        let raw = "raw:\n  - {name: ns/broken, type: Authorization, base64: 'CAE='}\n  - {name: ns/x, type: Address, base64: ''}\n";
+        let s = snap(&format!("{INV}{raw}"));
+        let mut r = req(&["*"], &["*"]);
+        r.type_url = TypeUrl::Authorization.as_str().into();
+        // By uid (even one not in the inventory yet): its policies plus the
+        // raw Authorization resources, never raw Addresses.
+        for uid in ["K//Pod/ns/a1", "K//Pod/ns/not-yet"] {
+            let (mut w, _) = Watch::first(TypeUrl::Authorization, &r, &s);
+            let out = respond(w.on_request(&req(&[uid], &[]), &s));
+            let want: &[&str] = if uid.ends_with("a1") {
+                &["ns/broken", "ns/p1"]
+            } else {
+                &["ns/broken"]
+            };
+            assert_eq!(names(&out), want, "{uid}");
+        }
+        // By policy name only: just that policy.
+        let (mut w, _) = Watch::first(TypeUrl::Authorization, &r, &s);
+        let out = respond(w.on_request(&req(&["ns/p2"], &[]), &s));
+        assert_eq!(names(&out), ["ns/p2"]);
+        // A new raw policy is pushed to the uid-scoped watch only.
+        let (mut by_uid, _) = Watch::first(TypeUrl::Authorization, &r, &s);
+        respond(by_uid.on_request(&req(&["K//Pod/ns/a1"], &[]), &s));
+        let s2 = snap(&format!(
+            "{INV}{raw}  - {{name: ns/broken2, type: Authorization, base64: ''}}\n"
+        ));
+        let d = s2.diff_from(&s);
+        assert_eq!(
+            names(&by_uid.on_change(&s2, Some(&d.policies))),
+            ["ns/broken2"]
+        );
+        assert!(w.on_change(&s2, Some(&d.policies)).is_empty());
     }
 
     #[test]

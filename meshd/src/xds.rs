@@ -187,7 +187,12 @@ impl StreamTask {
                 out
             }
             Some(w) => match w.on_request(&req, snap) {
-                Reaction::Respond(out) => out,
+                Reaction::Respond(out) => {
+                    if let Some(e) = &req.error_detail {
+                        warn!(stream = self.id, peer = %self.peer, ?t, nonce = %req.response_nonce, "NACK (with subscriptions): code {}: {}", e.code, e.message);
+                    }
+                    out
+                }
                 Reaction::Ack => {
                     debug!(stream = self.id, ?t, nonce = %req.response_nonce, "ACK");
                     return Ok(());

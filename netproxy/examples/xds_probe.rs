@@ -13,7 +13,7 @@
 //!   a pod's identity, destinations and scoped set (what `sync` must then
 //!   hold), full-sync bytes, cluster totals and churn.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -91,8 +91,10 @@ enum Cmd {
     Model {
         #[arg(long)]
         inventory: PathBuf,
-        #[arg(long)]
-        pod: usize,
+        /// The pod: its index, or `median` for the pod whose scoped config
+        /// (with `--cluster-k` destinations) is the median over all pods.
+        #[arg(long, default_value = "median")]
+        pod: PodChoice,
         /// Destinations per pod for the scoped rows and cluster totals.
         #[arg(long, value_delimiter = ',', default_value = "1,10,50")]
         k: Vec<usize>,
@@ -162,6 +164,26 @@ fn main() -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `--pod`: a pod index or the scenario's median pod.
+#[derive(Clone, Copy)]
+enum PodChoice {
+    Index(usize),
+    Median,
+}
+
+impl std::str::FromStr for PodChoice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "median" => Ok(PodChoice::Median),
+            n => n
+                .parse()
+                .map(PodChoice::Index)
+                .map_err(|_| format!("{s:?} is neither a pod index nor \"median\"")),
+        }
+    }
 }
 
 fn load(path: &std::path::Path) -> Result<Snapshot> {
@@ -337,8 +359,27 @@ fn apply(snap: &Snapshot, full_iterations: usize, update_iterations: usize) -> R
     }))
 }
 
-fn model(snap: &Snapshot, pod: usize, ks: &[usize], cluster_k: usize) -> Result<Value> {
+fn model(snap: &Snapshot, pod: PodChoice, ks: &[usize], cluster_k: usize) -> Result<Value> {
     let m = CostModel::new(snap);
+    // How scoped bytes spread over all pods, per destination count.
+    let mut spreads = Vec::new();
+    let mut per_pod = BTreeMap::new();
+    for &k in ks.iter().chain([&cluster_k]) {
+        if let std::collections::btree_map::Entry::Vacant(e) = per_pod.entry(k) {
+            let bytes = e.insert(scale::scoped_per_pod(&m, k));
+            spreads.push(scale::Spread::of(k, bytes).context("the inventory has no pods")?);
+        }
+    }
+    let pod = match pod {
+        PodChoice::Index(i) => i,
+        PodChoice::Median => {
+            spreads
+                .iter()
+                .find(|s| s.k == cluster_k)
+                .context("spread of cluster_k")?
+                .median_pod
+        }
+    };
     let mut scoped = Vec::new();
     let (uid, _) = pod_and_destinations(&m, pod, 0)?;
     let w = scale::workload(snap, &uid).context("pod workload")?;
@@ -355,6 +396,8 @@ fn model(snap: &Snapshot, pod: usize, ks: &[usize], cluster_k: usize) -> Result<
             "k": dests.len(),
             "dests": dests,
             "bytes": s.total_bytes(),
+            // Pods whose scoped config for `k` is smaller than this pod's.
+            "pods_below": per_pod.get(&k).map(|v| v.iter().filter(|&&b| b < s.total_bytes()).count()),
             "addresses": s.addresses,
             "policies": s.policies,
         }));
@@ -375,6 +418,7 @@ fn model(snap: &Snapshot, pod: usize, ks: &[usize], cluster_k: usize) -> Result<
             "authorization_envelope": m.envelope(TypeUrl::Authorization),
         },
         "pod": {
+            "index": pod,
             "uid": uid,
             "name": w.name,
             "namespace": w.namespace,
@@ -382,9 +426,19 @@ fn model(snap: &Snapshot, pod: usize, ks: &[usize], cluster_k: usize) -> Result<
             "node": w.node,
             "ips": ips,
         },
+        "counts": {
+            "workloads": m.workloads().count(),
+            "services": snap
+                .table(TypeUrl::Address)
+                .values()
+                .filter(|e| e.kind == Kind::Service)
+                .count(),
+            "policies": snap.table(TypeUrl::Authorization).len(),
+        },
         "full_wds_bytes": scale::full_wds_bytes(snap),
         "full_bytes": m.full_bytes(),
         "scoped": scoped,
+        "spread": spreads,
         "cluster": totals,
         "scoped_avg_bytes_per_pod": totals.full_sync_scoped / pods,
     }))

@@ -69,6 +69,8 @@ fn main() -> ExitCode {
 }
 
 fn run(args: ProxyArgs) -> ExitCode {
+    raise_nofile_limit();
+    netproxy::proxy::limits::tune_allocator();
     let cfg = match Config::load(args) {
         Ok(c) => c,
         Err(e) => {
@@ -101,6 +103,32 @@ fn run(args: ProxyArgs) -> ExitCode {
             tracing::error!("{e}");
             eprintln!("sidetunnel-proxy: {e}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// Raises the soft RLIMIT_NOFILE to the hard limit: every proxied
+/// connection costs two descriptors (more with HBONE pooling), and the
+/// common soft default of 1024 caps a pod at a few hundred connections.
+/// Raising the hard limit is left to whoever starts the proxy (the shim's
+/// `max_open_files`). Best effort: on failure the proxy runs with what it has.
+fn raise_nofile_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read/write a valid rlimit struct.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return;
+    }
+    if limit.rlim_cur < limit.rlim_max {
+        limit.rlim_cur = limit.rlim_max;
+        // SAFETY: as above.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
+            eprintln!(
+                "sidetunnel-proxy: raising RLIMIT_NOFILE: {}",
+                std::io::Error::last_os_error()
+            );
         }
     }
 }

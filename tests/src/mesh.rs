@@ -12,7 +12,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -142,23 +142,12 @@ impl MeshNode {
             .with_context(|| format!("starting {}", self.meshd_bin.display()))?;
         let stdout = child.stdout.take().context("meshd stdout")?;
         self.meshd = Some(child);
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = BufReader::new(stdout).read_line(&mut line);
-            let _ = tx.send(line);
-        });
-        let line = rx.recv_timeout(WAIT).unwrap_or_default();
-        let addr: SocketAddr = line
-            .trim()
-            .strip_prefix("sidetunnel-meshd listening on ")
-            .and_then(|a| a.parse().ok())
-            .with_context(|| {
-                format!(
-                    "sidetunnel-meshd did not start (stdout {line:?}); log:\n{}",
-                    self.log_tail(30)
-                )
-            })?;
+        let addr = meshd_listen_addr(stdout, WAIT).map_err(|line| {
+            anyhow::anyhow!(
+                "sidetunnel-meshd did not start (stdout {line:?}); log:\n{}",
+                self.log_tail(30)
+            )
+        })?;
         self.addr = Some(addr);
         Ok(addr)
     }
@@ -258,6 +247,41 @@ impl Drop for MeshNode {
     }
 }
 
+/// Whether test `test` can run meshed pods through the harness containerd
+/// (root, containerd, runc, nft, the busybox image's binary and the CNI
+/// bridge plugin); skips with the missing piece named (fails under CI).
+pub fn node_prerequisites(test: &str) -> bool {
+    use crate::{containerd, image, prereq};
+    prereq::root(test)
+        && prereq::binary(test, containerd::CONTAINERD)
+        && prereq::binary(test, "runc")
+        && prereq::binary(test, "nft")
+        && prereq::binary(test, image::BUSYBOX_BIN)
+        && prereq::binary(test, &format!("{}/bridge", containerd::CNI_BIN_DIR))
+}
+
+/// Waits up to `timeout` for the line `sidetunnel-meshd serve` prints on
+/// stdout once it listens (`sidetunnel-meshd listening on <addr>`) and
+/// returns that address; otherwise the line it printed instead (empty when
+/// none), for the caller's error message.
+pub fn meshd_listen_addr(
+    stdout: ChildStdout,
+    timeout: Duration,
+) -> std::result::Result<SocketAddr, String> {
+    // A thread, because a blocking read has no timeout of its own.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let line = rx.recv_timeout(timeout).unwrap_or_default();
+    line.trim()
+        .strip_prefix("sidetunnel-meshd listening on ")
+        .and_then(|a| a.parse().ok())
+        .ok_or(line)
+}
+
 /// Creates the harness's bridge with its gateway address if CNI has not yet
 /// (the CNI bridge plugin adopts an existing bridge and address; the
 /// harness deletes the bridge when it stops).
@@ -280,8 +304,28 @@ pub fn ensure_bridge(h: &Containerd) -> Result<()> {
             WAIT,
         )?;
     }
+    pin_bridge_mac(&bridge)?;
     run_ok(
         Command::new("ip").args(["link", "set", &bridge, "up"]),
+        WAIT,
+    )?;
+    Ok(())
+}
+
+/// Fixes the bridge's MAC address. A Linux bridge whose address was never
+/// set takes the lowest MAC of its ports, so a pod created later (its veth
+/// joining with a lower MAC) silently changes the gateway's MAC: the other
+/// pods keep the old one in their neighbour cache until the entry goes
+/// stale (seconds to tens of seconds) and the host drops their packets to
+/// the gateway, where meshd listens, meanwhile. That stalled established
+/// xDS streams, so a proxy's on-demand lookup got no answer within 5 s
+/// (the shim_mesh flake, about one run in three).
+pub fn pin_bridge_mac(bridge: &str) -> Result<()> {
+    let path = Path::new("/sys/class/net").join(bridge).join("address");
+    let mac =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    run_ok(
+        Command::new("ip").args(["link", "set", "dev", bridge, "address", mac.trim()]),
         WAIT,
     )?;
     Ok(())

@@ -10,11 +10,12 @@
 //! through `ip netns exec`, so spawn → ready timings measure the proxy, not
 //! `ip`. Everything is torn down on drop: processes, then namespaces.
 
+mod node;
+
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -22,8 +23,10 @@ use sidetunnel_redirect::RedirectConfig;
 
 use crate::mesh::{MeshNode, XDS_SERVER_NAME};
 use crate::netns::NetNs;
+pub use node::{
+    MeshdServe, NODE_IP, NODE_IP6, Proc, attach_pod, bridge_node, http_get_on, spawn_meshd,
+};
 
-pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 88, 0, 1);
 pub const A_IP: Ipv4Addr = Ipv4Addr::new(10, 88, 0, 2);
 pub const B_IP: Ipv4Addr = Ipv4Addr::new(10, 88, 0, 3);
 /// VIP of service `b.ns-b` (port 80 → B's [`APP_PORT`]).
@@ -124,29 +127,7 @@ impl Options {
 /// The mesh inventory of the pair: workloads `a` and `b`, service `b.ns-b`
 /// on [`VIP`], and `policies_yaml` (a YAML list, or empty) as `policies:`.
 pub fn inventory(policies_yaml: &str) -> String {
-    let mut s = format!(
-        r#"workloads:
-  - name: a
-    namespace: ns-a
-    serviceAccount: sa-a
-    addresses: [{A_IP}]
-    canonicalName: client
-    canonicalRevision: v1
-  - name: b
-    namespace: ns-b
-    serviceAccount: sa-b
-    addresses: [{B_IP}]
-    canonicalName: server
-    canonicalRevision: v2
-    services:
-      ns-b/b.ns-b.svc.cluster.local: {{80: {APP_PORT}}}
-services:
-  - name: b
-    namespace: ns-b
-    vips: [{VIP}]
-    ports: {{80: {APP_PORT}}}
-"#
-    );
+    let mut s = inventory_with_addresses(&A_IP.to_string(), &B_IP.to_string(), &VIP.to_string());
     if !policies_yaml.is_empty() {
         s.push_str("policies:\n");
         s.push_str(policies_yaml);
@@ -154,50 +135,33 @@ services:
     s
 }
 
-/// A child process, killed on drop; its stderr goes to `log`.
-struct Proc {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Proc {
-    fn log_tail(&self, lines: usize) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let all: Vec<&str> = text.lines().collect();
-        all[all.len().saturating_sub(lines)..].join("\n")
-    }
-
-    /// Waits up to `timeout` for the process to exit.
-    fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return Some(status);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    /// SIGTERM, then SIGKILL after `grace`; returns the exit code.
-    fn stop(mut self, grace: Duration) -> Option<i32> {
-        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::SIGTERM);
-        if let Some(status) = self.wait_exit(grace) {
-            return status.code();
-        }
-        let _ = self.child.kill();
-        self.child.wait().ok()?.code()
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// The pair's workloads and service without policies, with the given
+/// address lists (YAML flow-sequence items, e.g. `10.88.0.2, fd00:88::2`)
+/// for pod A, pod B and the service's VIPs.
+pub fn inventory_with_addresses(a: &str, b: &str, vips: &str) -> String {
+    format!(
+        r#"workloads:
+  - name: a
+    namespace: ns-a
+    serviceAccount: sa-a
+    addresses: [{a}]
+    canonicalName: client
+    canonicalRevision: v1
+  - name: b
+    namespace: ns-b
+    serviceAccount: sa-b
+    addresses: [{b}]
+    canonicalName: server
+    canonicalRevision: v2
+    services:
+      ns-b/b.ns-b.svc.cluster.local: {{80: {APP_PORT}}}
+services:
+  - name: b
+    namespace: ns-b
+    vips: [{vips}]
+    ports: {{80: {APP_PORT}}}
+"#
+    )
 }
 
 /// Node, meshd, pods A and B with their proxies. Field order is drop
@@ -221,20 +185,24 @@ impl PodPair {
     pub fn start(opts: Options) -> Result<PodPair> {
         let meshd_bin = bin(&opts.bin_dir, "sidetunnel-meshd")?;
         bin(&opts.bin_dir, "sidetunnel-proxy")?;
-        let node = NetNs::new("tpn");
-        node.exec_ok(&["ip", "link", "add", "br0", "type", "bridge"]);
-        node.exec_ok(&["ip", "addr", "add", &format!("{NODE_IP}/24"), "dev", "br0"]);
-        node.exec_ok(&["ip", "link", "set", "br0", "up"]);
-        let a = attach(&node, "tpa", A_IP)?;
-        let b = attach(&node, "tpb", B_IP)?;
+        let node = bridge_node("tpn", false);
+        let a = attach_pod(&node, "tpa", A_IP, None)?;
+        let b = attach_pod(&node, "tpb", B_IP, None)?;
         let x = match opts.outside_host {
-            true => Some(attach(&node, "tpx", X_IP)?),
+            true => Some(attach_pod(&node, "tpx", X_IP, None)?),
             false => None,
         };
 
         let mesh = MeshNode::init(&meshd_bin)?;
         mesh.set_inventory(&inventory(""))?;
-        let (meshd, cp) = start_meshd(&node, &meshd_bin, &mesh)?;
+        let serve = MeshdServe {
+            bin: &meshd_bin,
+            dir: mesh.dir(),
+            listen: SocketAddrV4::new(NODE_IP, 0).into(),
+            extra_args: &[],
+            log: &mesh.dir().join("meshd-serve.log"),
+        };
+        let (meshd, cp) = spawn_meshd(&node, &serve)?;
         let tokens = [
             mesh.mint_token("ns-a", "a", "uid-a", "sa-a")?,
             mesh.mint_token("ns-b", "b", "uid-b", "sa-b")?,
@@ -373,10 +341,7 @@ impl PodPair {
     /// Waits up to `timeout` for a proxy to exit; its exit code (`None`
     /// while it still runs or when a signal ended it).
     pub fn wait_proxy_exit(&mut self, pod: Pod, timeout: Duration) -> Option<i32> {
-        self.proxies[pod.index()]
-            .as_mut()?
-            .wait_exit(timeout)?
-            .code()
+        self.proxies[pod.index()].as_mut()?.wait_exit(timeout)
     }
 
     /// Stops a proxy (SIGTERM; SIGKILL after `grace`); its exit code.
@@ -478,73 +443,6 @@ fn bin(dir: &Path, name: &str) -> Result<PathBuf> {
     Ok(p)
 }
 
-/// A pod namespace joined to the node's bridge, default route via the node.
-fn attach(node: &NetNs, prefix: &str, ip: Ipv4Addr) -> Result<NetNs> {
-    let ns = NetNs::new(prefix);
-    // Host-side names must be unique on the node only; the pod side is eth0.
-    let host_if = format!("v{prefix}{}", ns.name().rsplit('-').next().unwrap_or("0"));
-    crate::cmd::run_ok(
-        Command::new("ip").args([
-            "link",
-            "add",
-            &host_if,
-            "netns",
-            node.name(),
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            ns.name(),
-        ]),
-        WAIT,
-    )?;
-    node.exec_ok(&["ip", "link", "set", &host_if, "master", "br0", "up"]);
-    ns.exec_ok(&["ip", "addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
-    ns.exec_ok(&["ip", "link", "set", "eth0", "up"]);
-    ns.exec_ok(&["ip", "route", "add", "default", "via", &NODE_IP.to_string()]);
-    Ok(ns)
-}
-
-fn start_meshd(node: &NetNs, meshd: &Path, mesh: &MeshNode) -> Result<(Proc, SocketAddr)> {
-    let log = mesh.dir().join("meshd-serve.log");
-    let mut cmd = Command::new(meshd);
-    cmd.arg("serve")
-        .arg("--dir")
-        .arg(mesh.dir())
-        .arg("--inventory")
-        .arg(mesh.inventory_path())
-        .args(["--listen", &format!("{NODE_IP}:0")])
-        .args(["--poll-interval", "100ms"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(&log)?);
-    let mut child = node
-        .run(move || cmd.spawn())
-        .context("spawning sidetunnel-meshd")?;
-    let stdout = child.stdout.take().context("meshd stdout")?;
-    let proc = Proc { child, log };
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut line = String::new();
-        let _ = BufReader::new(stdout).read_line(&mut line);
-        let _ = tx.send(line);
-    });
-    let line = rx.recv_timeout(WAIT).unwrap_or_default();
-    match line
-        .trim()
-        .strip_prefix("sidetunnel-meshd listening on ")
-        .and_then(|a| a.parse().ok())
-    {
-        Some(addr) => Ok((proc, addr)),
-        None => bail!(
-            "sidetunnel-meshd did not start (stdout {line:?}):\n{}",
-            proc.log_tail(30)
-        ),
-    }
-}
-
 /// True once `pid` has exited (a zombie counts: we have not reaped it).
 fn exited(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
@@ -558,14 +456,10 @@ fn exited(pid: i32) -> bool {
 
 /// HTTP/1.0 GET in the calling thread's namespace: (status, body).
 fn http_get(addr: SocketAddrV4, path: &str) -> std::io::Result<(u16, String)> {
-    let mut s = TcpStream::connect_timeout(&addr.into(), IO_TIMEOUT)?;
-    s.set_read_timeout(Some(IO_TIMEOUT))?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
-    let mut out = String::new();
-    s.read_to_string(&mut out)?;
-    let code = out.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = out.split_once("\r\n\r\n").map(|x| x.1).unwrap_or_default();
-    Ok((code, body.to_string()))
+    http_get_on(
+        &mut TcpStream::connect_timeout(&addr.into(), IO_TIMEOUT)?,
+        path,
+    )
 }
 
 #[cfg(test)]

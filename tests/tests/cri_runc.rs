@@ -32,12 +32,22 @@ fn app() -> ContainerSpec {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runc_pods_work_and_leave_nothing_behind() -> Result<()> {
+    run_bounded("cri_runc test", Duration::from_secs(420), run()).await
+}
+
+/// Runs a test's `body` when the prerequisites are met (else skips), failing
+/// it when it takes longer than `limit`.
+async fn run_bounded(
+    what: &str,
+    limit: Duration,
+    body: impl std::future::Future<Output = Result<()>>,
+) -> Result<()> {
     if !prerequisites() {
         return Ok(());
     }
-    tokio::time::timeout(Duration::from_secs(420), run())
+    tokio::time::timeout(limit, body)
         .await
-        .context("cri_runc test exceeded 420s")?
+        .with_context(|| format!("{what} exceeded {limit:?}"))?
 }
 
 async fn run() -> Result<()> {
@@ -314,12 +324,12 @@ async fn assert_nothing_left(
 /// mounts, cgroups, bridge and directory.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn harness_cleans_up_after_containerd_crash() -> Result<()> {
-    if !prerequisites() {
-        return Ok(());
-    }
-    tokio::time::timeout(Duration::from_secs(180), crash_cleanup())
-        .await
-        .context("crash cleanup test exceeded 180s")?
+    run_bounded(
+        "crash cleanup test",
+        Duration::from_secs(180),
+        crash_cleanup(),
+    )
+    .await
 }
 
 async fn crash_cleanup() -> Result<()> {

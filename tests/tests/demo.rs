@@ -9,19 +9,13 @@
 use std::process::Command;
 use std::time::Duration;
 
-use sidetunnel_tests::{bins, cmd, containerd, image, prereq};
+use sidetunnel_tests::{bins, cmd, mesh};
 
 const TEST: &str = "demo";
 
 #[test]
 fn demo_runs_end_to_end_and_prints_the_summary() {
-    if !(prereq::root(TEST)
-        && prereq::binary(TEST, containerd::CONTAINERD)
-        && prereq::binary(TEST, "runc")
-        && prereq::binary(TEST, "nft")
-        && prereq::binary(TEST, image::BUSYBOX_BIN)
-        && prereq::binary(TEST, &format!("{}/bridge", containerd::CNI_BIN_DIR)))
-    {
+    if !mesh::node_prerequisites(TEST) {
         return;
     }
     let out = cmd::output_within(

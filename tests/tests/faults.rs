@@ -281,6 +281,25 @@ fn malformed_xds_resource_is_nacked_and_the_rest_keeps_working() {
     eventually("DENY applied next to the broken policy", || {
         reach(&mesh.a, &dst).is_none().then_some(())
     });
+    // Authorization is scoped to each proxy's own workload: B holds its
+    // namespace's policy, A (another namespace) was never sent it.
+    let policies = |pod: &str| -> Vec<String> {
+        let d = mesh.config_dump(pod);
+        d["policies"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|p| {
+                format!(
+                    "{}/{}",
+                    p["namespace"].as_str().unwrap_or("?"),
+                    p["name"].as_str().unwrap_or("?")
+                )
+            })
+            .collect()
+    };
+    assert_eq!(policies("b"), ["ns-b/deny-a"]);
+    assert_eq!(policies("a"), Vec::<String>::new());
 }
 
 #[test]

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use netproxy::hbone::{
-    ConnectRequest, H2Config, HboneError, InboundRequest, Pool, TcpSocketFactory,
+    ConnectRequest, H2Config, HboneError, HboneStream, InboundRequest, Pool, TcpSocketFactory,
 };
 use netproxy::identity::{
     CaClientConfig, CertSource, CertificateManager, Identity, WorkloadCertificate,
@@ -93,6 +93,12 @@ impl TestCa {
 
 const CLIENT: &str = "spiffe://cluster.local/ns/client-ns/sa/client";
 const SERVER: &str = "spiffe://cluster.local/ns/server-ns/sa/server";
+
+/// Runs a test's body, failing the test when it takes longer than `limit`
+/// (a hang fails, it does not block the run).
+async fn within(limit: Duration, body: impl std::future::Future<Output = ()>) {
+    timeout(limit, body).await.expect("test timed out")
+}
 
 fn id(s: &str) -> Identity {
     s.parse().unwrap()
@@ -196,23 +202,61 @@ async fn start_server(certs: CertificateManager, denied_ports: HashSet<u16>) -> 
     }
 }
 
-/// An upstream app: reads to EOF, then echoes everything back and closes.
-async fn start_echo() -> SocketAddr {
+/// A loopback listener on a fresh port that runs `handle` on every
+/// accepted connection, each in its own task; the listener's address.
+async fn serve_loopback<F, Fut>(handle: F) -> SocketAddr
+where
+    F: Fn(TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         loop {
-            let (mut s, _) = listener.accept().await.unwrap();
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                if s.read_to_end(&mut buf).await.is_ok() {
-                    let _ = s.write_all(&buf).await;
-                    let _ = s.shutdown().await;
-                }
-            });
+            let (s, _) = listener.accept().await.unwrap();
+            tokio::spawn(handle(s));
         }
     });
     addr
+}
+
+/// An upstream app: reads to EOF, then echoes everything back and closes.
+async fn start_echo() -> SocketAddr {
+    serve_loopback(|mut s| async move {
+        let mut buf = Vec::new();
+        if s.read_to_end(&mut buf).await.is_ok() {
+            let _ = s.write_all(&buf).await;
+            let _ = s.shutdown().await;
+        }
+    })
+    .await
+}
+
+/// The set-up most tests share: a `cluster.local` CA, an HBONE server
+/// presenting `server_id` that denies no port, an echo upstream, and a
+/// client pool with [`CLIENT`]'s certificate and the default settings.
+struct Fixture {
+    ca: TestCa,
+    /// The server's certificates (shared with the running server).
+    server_certs: CertificateManager,
+    server: TestServer,
+    echo: SocketAddr,
+    pool: Pool,
+}
+
+async fn fixture(server_id: &str) -> Fixture {
+    let ca = TestCa::new("cluster.local");
+    let server_certs = ca.manager(server_id);
+    let server = start_server(server_certs.clone(), HashSet::new()).await;
+    let echo = start_echo().await;
+    let pool = pool(ca.manager(CLIENT), H2Config::default());
+    Fixture {
+        ca,
+        server_certs,
+        server,
+        echo,
+        pool,
+    }
 }
 
 /// A port on which nothing listens.
@@ -235,12 +279,28 @@ fn pattern(len: usize, seed: u8) -> Vec<u8> {
         .collect()
 }
 
+/// Opens a tunnel from [`source`] to `dest` through the HBONE server at
+/// `server`, which must present [`SERVER`]'s identity.
+async fn tunnel(
+    pool: &Pool,
+    server: SocketAddr,
+    dest: SocketAddr,
+) -> Result<(HboneStream, Identity), HboneError> {
+    pool.connect(server, &[id(SERVER)], &ConnectRequest::new(dest, source()))
+        .await
+}
+
+/// Half-closes `s` and reads what the peer still sends until EOF.
+async fn finish(s: &mut HboneStream) -> Vec<u8> {
+    s.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest).await.unwrap();
+    rest
+}
+
 /// Sends `data`, half-closes, reads the echo to EOF.
 async fn round_trip(pool: &Pool, server: SocketAddr, dest: SocketAddr, data: &[u8]) -> Vec<u8> {
-    let (mut stream, peer) = pool
-        .connect(server, &[id(SERVER)], &ConnectRequest::new(dest, source()))
-        .await
-        .expect("HBONE connect");
+    let (mut stream, peer) = tunnel(pool, server, dest).await.expect("HBONE connect");
     assert_eq!(peer, id(SERVER));
     let (mut r, mut w) = tokio::io::split(&mut stream);
     let write = async {
@@ -258,60 +318,50 @@ async fn round_trip(pool: &Pool, server: SocketAddr, dest: SocketAddr, data: &[u
 
 #[tokio::test]
 async fn round_trip_with_half_close_and_headers() {
-    timeout(T, async {
-        let ca = TestCa::new("cluster.local");
-        let mut server = start_server(ca.manager(SERVER), HashSet::new()).await;
-        let echo = start_echo().await;
-        let pool = pool(ca.manager(CLIENT), H2Config::default());
-
+    within(T, async {
+        let mut fx = fixture(SERVER).await;
         // 3 MiB: more than the default 64 KiB windows, less than ours.
         let data = pattern(3 * 1024 * 1024 + 7, 1);
-        let back = round_trip(&pool, server.addr, echo, &data).await;
+        let back = round_trip(&fx.pool, fx.server.addr, fx.echo, &data).await;
         assert_eq!(back.len(), data.len());
         assert!(back == data, "echoed bytes differ");
 
-        let seen = server.seen.recv().await.unwrap();
+        let seen = fx.server.seen.recv().await.unwrap();
         assert_eq!(seen.peer, id(CLIENT));
-        assert_eq!(seen.destination, echo);
+        assert_eq!(seen.destination, fx.echo);
         assert_eq!(seen.forwarded_for, Some(source().ip()));
         let tp = seen.traceparent.expect("traceparent sent");
         assert_eq!(tp.len(), 55, "{tp}");
         assert_eq!(seen.baggage, None);
 
         // Baggage and an IPv6-looking source pass through.
-        let mut req = ConnectRequest::new(echo, "[fd00::7]:1234".parse().unwrap());
+        let mut req = ConnectRequest::new(fx.echo, "[fd00::7]:1234".parse().unwrap());
         req.baggage = Some("k8s.namespace.name=client-ns".into());
-        let (mut s, _) = pool
-            .connect(server.addr, &[id(SERVER)], &req)
+        let (mut s, _) = fx
+            .pool
+            .connect(fx.server.addr, &[id(SERVER)], &req)
             .await
             .unwrap();
-        s.shutdown().await.unwrap();
-        let mut rest = Vec::new();
-        s.read_to_end(&mut rest).await.unwrap();
+        let rest = finish(&mut s).await;
         assert!(rest.is_empty());
-        let seen = server.seen.recv().await.unwrap();
+        let seen = fx.server.seen.recv().await.unwrap();
         assert_eq!(seen.forwarded_for, Some("fd00::7".parse().unwrap()));
         assert_eq!(
             seen.baggage.as_deref(),
             Some("k8s.namespace.name=client-ns")
         );
     })
-    .await
-    .expect("test timed out");
+    .await;
 }
 
 #[tokio::test]
 async fn streams_share_pooled_connections_up_to_the_cap() {
-    timeout(T, async {
-        let ca = TestCa::new("cluster.local");
-        let server = start_server(ca.manager(SERVER), HashSet::new()).await;
-        let echo = start_echo().await;
-        let pool = pool(ca.manager(CLIENT), H2Config::default());
-
+    within(T, async {
+        let fx = fixture(SERVER).await;
         // 20 concurrent tunnels, one connection.
         let mut tasks = Vec::new();
         for i in 0..20u8 {
-            let (pool, addr) = (pool.clone(), server.addr);
+            let (pool, addr, echo) = (fx.pool.clone(), fx.server.addr, fx.echo);
             tasks.push(tokio::spawn(async move {
                 let data = pattern(100_000 + i as usize, i);
                 let back = round_trip(&pool, addr, echo, &data).await;
@@ -321,12 +371,12 @@ async fn streams_share_pooled_connections_up_to_the_cap() {
         for t in tasks {
             t.await.unwrap();
         }
-        assert_eq!(pool.stats().connections_opened, 1);
-        assert_eq!(server.tcp_accepts.load(Ordering::SeqCst), 1);
+        assert_eq!(fx.pool.stats().connections_opened, 1);
+        assert_eq!(fx.server.tcp_accepts.load(Ordering::SeqCst), 1);
 
         // Cap of 2 streams per connection: 5 open tunnels need 3 connections.
         let capped = self::pool(
-            ca.manager(CLIENT),
+            fx.ca.manager(CLIENT),
             H2Config {
                 max_streams_per_conn: 2,
                 ..H2Config::default()
@@ -334,14 +384,7 @@ async fn streams_share_pooled_connections_up_to_the_cap() {
         );
         let mut open = Vec::new();
         for _ in 0..5 {
-            let req = ConnectRequest::new(echo, source());
-            open.push(
-                capped
-                    .connect(server.addr, &[id(SERVER)], &req)
-                    .await
-                    .unwrap()
-                    .0,
-            );
+            open.push(tunnel(&capped, fx.server.addr, fx.echo).await.unwrap().0);
         }
         let stats = capped.stats();
         assert_eq!(stats.connections_opened, 3);
@@ -349,26 +392,23 @@ async fn streams_share_pooled_connections_up_to_the_cap() {
         assert_eq!(stats.active_streams, 5);
         drop(open);
         assert_eq!(capped.stats().active_streams, 0);
-        assert_eq!(server.tcp_accepts.load(Ordering::SeqCst), 4);
+        assert_eq!(fx.server.tcp_accepts.load(Ordering::SeqCst), 4);
     })
-    .await
-    .expect("test timed out");
+    .await;
 }
 
 #[tokio::test]
 async fn idle_connections_are_released() {
-    timeout(T, async {
-        let ca = TestCa::new("cluster.local");
-        let server = start_server(ca.manager(SERVER), HashSet::new()).await;
-        let echo = start_echo().await;
+    within(T, async {
+        let fx = fixture(SERVER).await;
         let pool = pool(
-            ca.manager(CLIENT),
+            fx.ca.manager(CLIENT),
             H2Config {
                 idle_timeout: Duration::from_millis(300),
                 ..H2Config::default()
             },
         );
-        let back = round_trip(&pool, server.addr, echo, b"hello").await;
+        let back = round_trip(&pool, fx.server.addr, fx.echo, b"hello").await;
         assert_eq!(back, b"hello");
         // Released after the idle timeout…
         while pool.stats().open_connections != 0 {
@@ -376,14 +416,13 @@ async fn idle_connections_are_released() {
         }
         // …and a new request opens a fresh connection.
         assert_eq!(
-            round_trip(&pool, server.addr, echo, b"again").await,
+            round_trip(&pool, fx.server.addr, fx.echo, b"again").await,
             b"again"
         );
         assert_eq!(pool.stats().connections_opened, 2);
-        assert_eq!(server.tcp_accepts.load(Ordering::SeqCst), 2);
+        assert_eq!(fx.server.tcp_accepts.load(Ordering::SeqCst), 2);
     })
-    .await
-    .expect("test timed out");
+    .await;
 }
 
 fn handshake_message(e: &HboneError) -> String {
@@ -395,89 +434,70 @@ fn handshake_message(e: &HboneError) -> String {
 
 #[tokio::test]
 async fn client_refuses_server_with_unexpected_identity() {
-    timeout(T, async {
-        let ca = TestCa::new("cluster.local");
-        // The server presents a valid mesh certificate, but not the identity
-        // the client expects for this destination.
-        let wrong = "spiffe://cluster.local/ns/server-ns/sa/impostor";
-        let mut server = start_server(ca.manager(wrong), HashSet::new()).await;
-        let echo = start_echo().await;
-        let pool = pool(ca.manager(CLIENT), H2Config::default());
-        let err = pool
-            .connect(
-                server.addr,
-                &[id(SERVER)],
-                &ConnectRequest::new(echo, source()),
-            )
-            .await
-            .unwrap_err();
+    // The server presents a valid mesh certificate, but not the identity
+    // the client expects for this destination.
+    let wrong = "spiffe://cluster.local/ns/server-ns/sa/impostor";
+    within(T, async {
+        let mut fx = fixture(wrong).await;
+        let err = tunnel(&fx.pool, fx.server.addr, fx.echo).await.unwrap_err();
         let msg = handshake_message(&err);
         assert!(msg.contains("not the expected"), "{msg}");
         // Any of several expected identities (service SANs) is accepted.
-        let (s, peer) = pool
+        let (s, peer) = fx
+            .pool
             .connect(
-                server.addr,
+                fx.server.addr,
                 &[id(SERVER), id(wrong)],
-                &ConnectRequest::new(echo, source()),
+                &ConnectRequest::new(fx.echo, source()),
             )
             .await
             .unwrap();
         assert_eq!(peer, id(wrong));
         drop(s);
-        assert_eq!(server.seen.recv().await.unwrap().peer, id(CLIENT));
+        assert_eq!(fx.server.seen.recv().await.unwrap().peer, id(CLIENT));
     })
-    .await
-    .expect("test timed out");
+    .await;
 }
 
 #[tokio::test]
 async fn server_refuses_foreign_trust_domain_and_untrusted_roots() {
-    timeout(T, async {
-        let ca = TestCa::new("cluster.local");
-        let mut server = start_server(ca.manager(SERVER), HashSet::new()).await;
-        let echo = start_echo().await;
-
+    within(T, async {
+        let mut fx = fixture(SERVER).await;
         // Same root, other trust domain.
         let foreign = pool(
-            ca.manager("spiffe://other.domain/ns/client-ns/sa/client"),
+            fx.ca
+                .manager("spiffe://other.domain/ns/client-ns/sa/client"),
             H2Config::default(),
         );
-        let r = foreign
-            .connect(
-                server.addr,
-                &[id(SERVER)],
-                &ConnectRequest::new(echo, source()),
-            )
-            .await;
+        let r = tunnel(&foreign, fx.server.addr, fx.echo).await;
         assert!(r.is_err(), "foreign trust domain was accepted");
 
         // Right trust domain, but signed by a CA the server does not trust.
         let rogue = TestCa::new("rogue");
-        let rogue_client =
-            CertificateManager::with_certificate(rogue.workload_with_roots(CLIENT, &ca.root_pem()))
-                .unwrap();
-        let r = pool(rogue_client, H2Config::default())
-            .connect(
-                server.addr,
-                &[id(SERVER)],
-                &ConnectRequest::new(echo, source()),
-            )
-            .await;
+        let rogue_client = CertificateManager::with_certificate(
+            rogue.workload_with_roots(CLIENT, &fx.ca.root_pem()),
+        )
+        .unwrap();
+        let r = tunnel(
+            &pool(rogue_client, H2Config::default()),
+            fx.server.addr,
+            fx.echo,
+        )
+        .await;
         assert!(r.is_err(), "untrusted client chain was accepted");
 
         // Both were stopped in the handshake: the handler never ran.
-        while server.handshake_failures.load(Ordering::SeqCst) < 2 {
+        while fx.server.handshake_failures.load(Ordering::SeqCst) < 2 {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        assert!(server.seen.try_recv().is_err());
+        assert!(fx.server.seen.try_recv().is_err());
     })
-    .await
-    .expect("test timed out");
+    .await;
 }
 
 #[tokio::test]
 async fn per_stream_errors_do_not_disturb_other_streams() {
-    timeout(T, async {
+    within(T, async {
         let ca = TestCa::new("cluster.local");
         let echo = start_echo().await;
         let denied = closed_port().await;
@@ -486,33 +506,14 @@ async fn per_stream_errors_do_not_disturb_other_streams() {
         let pool = pool(ca.manager(CLIENT), H2Config::default());
 
         // A long-lived tunnel, open across all the failures below.
-        let (mut live, _) = pool
-            .connect(
-                server.addr,
-                &[id(SERVER)],
-                &ConnectRequest::new(echo, source()),
-            )
-            .await
-            .unwrap();
+        let (mut live, _) = tunnel(&pool, server.addr, echo).await.unwrap();
         live.write_all(b"before ").await.unwrap();
 
         // Denied by the handler → 401; upstream refused → 503.
         let status = |r: Result<_, HboneError>| r.err().and_then(|e| e.status());
-        let r = pool
-            .connect(
-                server.addr,
-                &[id(SERVER)],
-                &ConnectRequest::new(denied, source()),
-            )
-            .await;
+        let r = tunnel(&pool, server.addr, denied).await;
         assert_eq!(status(r), Some(http::StatusCode::UNAUTHORIZED));
-        let r = pool
-            .connect(
-                server.addr,
-                &[id(SERVER)],
-                &ConnectRequest::new(refused, source()),
-            )
-            .await;
+        let r = tunnel(&pool, server.addr, refused).await;
         assert_eq!(status(r), Some(http::StatusCode::SERVICE_UNAVAILABLE));
 
         // Malformed requests on a raw HTTP/2 connection → 400 each, while a
@@ -563,63 +564,47 @@ async fn per_stream_errors_do_not_disturb_other_streams() {
 
         // The long-lived tunnel is unaffected.
         live.write_all(b"after").await.unwrap();
-        live.shutdown().await.unwrap();
-        let mut back = Vec::new();
-        live.read_to_end(&mut back).await.unwrap();
+        let back = finish(&mut live).await;
         assert_eq!(back, b"before after");
         assert_eq!(pool.stats().connections_opened, 1);
     })
-    .await
-    .expect("test timed out");
+    .await;
 }
 
 #[tokio::test]
 async fn rotated_certificate_applies_to_new_connections() {
-    timeout(T, async {
-        let ca = TestCa::new("cluster.local");
-        let server_certs = ca.manager(SERVER);
-        let server = start_server(server_certs.clone(), HashSet::new()).await;
-        let echo = start_echo().await;
-        let client_certs = ca.manager(CLIENT);
+    within(T, async {
+        let fx = fixture(SERVER).await;
+        let client_certs = fx.ca.manager(CLIENT);
 
         let serial_seen = |certs: CertificateManager| async move {
-            let tcp = TcpStream::connect(server.addr).await.unwrap();
+            let tcp = TcpStream::connect(fx.server.addr).await.unwrap();
             let (tls, _) = netproxy::tls::hbone_connect(&certs, &[id(SERVER)], tcp)
                 .await
                 .unwrap();
             tls.get_ref().1.peer_certificates().unwrap()[0].clone()
         };
         let before = serial_seen(client_certs.clone()).await;
-        assert_eq!(before, server_certs.current().unwrap().chain()[0]);
+        assert_eq!(before, fx.server_certs.current().unwrap().chain()[0]);
 
         // An open tunnel across the rotation keeps working.
         let pool = pool(client_certs.clone(), H2Config::default());
-        let (mut live, _) = pool
-            .connect(
-                server.addr,
-                &[id(SERVER)],
-                &ConnectRequest::new(echo, source()),
-            )
-            .await
-            .unwrap();
+        let (mut live, _) = tunnel(&pool, fx.server.addr, fx.echo).await.unwrap();
         live.write_all(b"x").await.unwrap();
 
-        server_certs.install(ca.workload(SERVER)).unwrap();
+        fx.server_certs.install(fx.ca.workload(SERVER)).unwrap();
         let after = serial_seen(client_certs).await;
         assert_ne!(before, after);
-        assert_eq!(after, server_certs.current().unwrap().chain()[0]);
+        assert_eq!(after, fx.server_certs.current().unwrap().chain()[0]);
 
         live.write_all(b"y").await.unwrap();
-        live.shutdown().await.unwrap();
-        let mut back = Vec::new();
-        live.read_to_end(&mut back).await.unwrap();
+        let back = finish(&mut live).await;
         assert_eq!(back, b"xy");
 
         // A certificate for another identity is refused by the manager.
-        assert!(server_certs.install(ca.workload(CLIENT)).is_err());
+        assert!(fx.server_certs.install(fx.ca.workload(CLIENT)).is_err());
     })
-    .await
-    .expect("test timed out");
+    .await;
 }
 
 /// A running `sidetunnel-meshd` (killed on drop).
@@ -635,19 +620,28 @@ fn meshd_cmd() -> tokio::process::Command {
     c
 }
 
-async fn start_meshd() -> Meshd {
-    let dir = tempfile::tempdir().unwrap();
-    let st = meshd_cmd()
-        .args(["init", "--dir"])
-        .arg(dir.path())
+/// Runs `sidetunnel-meshd <args> --dir <dir>` to completion and returns
+/// its stdout; the test fails when it does not succeed.
+async fn meshd_ok(args: &[&str], dir: &std::path::Path) -> Vec<u8> {
+    let out = meshd_cmd()
+        .args(args)
+        .arg("--dir")
+        .arg(dir)
         .output()
         .await
         .unwrap();
     assert!(
-        st.status.success(),
-        "meshd init failed: {}",
-        String::from_utf8_lossy(&st.stderr)
+        out.status.success(),
+        "sidetunnel-meshd {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
     );
+    out.stdout
+}
+
+async fn start_meshd() -> Meshd {
+    let dir = tempfile::tempdir().unwrap();
+    meshd_ok(&["init"], dir.path()).await;
     let inventory = dir.path().join("inventory.yaml");
     std::fs::write(&inventory, "{}\n").unwrap();
     let mut child = meshd_cmd()
@@ -681,19 +675,10 @@ impl Meshd {
     /// Writes a service-account token for `ns/sa` to a file, as kubelet
     /// projects it.
     async fn token_file(&self, ns: &str, sa: &str) -> std::path::PathBuf {
-        let out = meshd_cmd()
-            .args(["token", "--namespace", ns, "--service-account", sa, "--dir"])
-            .arg(self.dir.path())
-            .output()
-            .await
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "meshd token: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let args = ["token", "--namespace", ns, "--service-account", sa];
+        let token = meshd_ok(&args, self.dir.path()).await;
         let path = self.dir.path().join(format!("token-{ns}-{sa}"));
-        std::fs::write(&path, &out.stdout).unwrap();
+        std::fs::write(&path, token).unwrap();
         path
     }
 
@@ -710,19 +695,12 @@ impl Meshd {
 
 /// An upstream that echoes as it reads (streaming), then closes.
 async fn start_streaming_echo() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let (s, _) = listener.accept().await.unwrap();
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.into_split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-                let _ = w.shutdown().await;
-            });
-        }
-    });
-    addr
+    serve_loopback(|s| async move {
+        let (mut r, mut w) = s.into_split();
+        let _ = tokio::io::copy(&mut r, &mut w).await;
+        let _ = w.shutdown().await;
+    })
+    .await
 }
 
 /// Certificates from the real meshd CA (CSR over gRPC with a bearer token),
@@ -731,7 +709,7 @@ async fn start_streaming_echo() -> SocketAddr {
 /// new certificate for the same identity.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn meshd_ca_certificates_rotate_during_transfer() {
-    timeout(Duration::from_secs(60), async {
+    within(Duration::from_secs(60), async {
         let meshd = start_meshd().await;
         let ttl = Duration::from_secs(4);
         let (server_certs, server_task) = CertificateManager::spawn(
@@ -759,14 +737,7 @@ async fn meshd_ca_certificates_rotate_during_transfer() {
         let server = start_server(server_certs.clone(), HashSet::new()).await;
         let echo = start_streaming_echo().await;
         let pool = pool(client_certs.clone(), H2Config::default());
-        let (stream, _) = pool
-            .connect(
-                server.addr,
-                &[id(SERVER)],
-                &ConnectRequest::new(echo, source()),
-            )
-            .await
-            .unwrap();
+        let (stream, _) = tunnel(&pool, server.addr, echo).await.unwrap();
 
         // ~9 s of paced traffic: longer than two TTLs.
         let (mut r, mut w) = tokio::io::split(stream);
@@ -819,48 +790,34 @@ async fn meshd_ca_certificates_rotate_during_transfer() {
         );
 
         // New connections use the current certificates.
-        let (mut s, _) = pool
-            .connect(
-                server.addr,
-                &[id(SERVER)],
-                &ConnectRequest::new(echo, source()),
-            )
-            .await
-            .unwrap();
+        let (mut s, _) = tunnel(&pool, server.addr, echo).await.unwrap();
         s.write_all(b"fresh").await.unwrap();
-        s.shutdown().await.unwrap();
-        let mut back = Vec::new();
-        s.read_to_end(&mut back).await.unwrap();
+        let back = finish(&mut s).await;
         assert_eq!(back, b"fresh");
         server_task.abort();
         client_task.abort();
     })
-    .await
-    .expect("test timed out");
+    .await;
 }
 
 /// A sink: reads to EOF, reports how many bytes arrived.
 async fn start_sink() -> (SocketAddr, mpsc::UnboundedReceiver<u64>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
     let (tx, rx) = mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        loop {
-            let (mut s, _) = listener.accept().await.unwrap();
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 256 * 1024];
-                let mut total = 0u64;
-                loop {
-                    match s.read(&mut buf).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => total += n as u64,
-                    }
+    let addr = serve_loopback(move |mut s| {
+        let tx = tx.clone();
+        async move {
+            let mut buf = vec![0u8; 256 * 1024];
+            let mut total = 0u64;
+            loop {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => total += n as u64,
                 }
-                let _ = tx.send(total);
-            });
+            }
+            let _ = tx.send(total);
         }
-    });
+    })
+    .await;
     (addr, rx)
 }
 

@@ -241,6 +241,28 @@ fn original_dst(s: &TcpStream) -> SocketAddr {
     }
 }
 
+/// An unmarked connection from `pod` to `dst`, where `app` listens: it must
+/// land on the proxy's outbound listener `proxy` with `dst` as its original
+/// destination and never reach `app`. The client side, for the caller to
+/// keep open.
+fn assert_captured_outbound(
+    pod: &NetNs,
+    dst: SocketAddr,
+    proxy: &TcpListener,
+    app: &TcpListener,
+    hello: &[u8],
+) -> TcpStream {
+    let c = connect_in(pod, dst, Opts::default(), hello)
+        .unwrap_or_else(|e| panic!("redirected connect to {dst}: {e}"));
+    let (s, _) = accept_hello(proxy, hello);
+    assert_eq!(original_dst(&s), dst);
+    assert!(
+        untouched(app),
+        "unmarked outbound reached {dst} around the proxy"
+    );
+    c
+}
+
 /// The proxy's outbound (15001, NAT-redirected to loopback) listeners.
 fn outbound_listeners(ns: &NetNs) -> [TcpListener; 2] {
     [
@@ -266,13 +288,7 @@ fn outbound_v4_v6_reaches_15001_with_original_dst_and_marked_socket_bypasses() {
     for (i, peer_ip) in [PEER4, PEER6].into_iter().enumerate() {
         let dst = sa(peer_ip, 8080);
         let app_peer = listen_in(&p.peer, dst, false);
-        let _c = connect_in(&p.pod, dst, Opts::default(), b"out").expect("redirected connect");
-        let (s, _) = accept_hello(&proxy[i], b"out");
-        assert_eq!(original_dst(&s), dst);
-        assert!(
-            untouched(&app_peer),
-            "unmarked outbound reached {dst} around the proxy"
-        );
+        let _c = assert_captured_outbound(&p.pod, dst, &proxy[i], &app_peer, b"out");
 
         // The proxy's own (marked) socket goes straight to the destination.
         let marked = Opts {
@@ -367,11 +383,7 @@ fn connection_to_own_pod_ip_is_redirected() {
     let proxy = outbound_listeners(&p.pod);
     for (i, pod_ip) in [POD4, POD6].into_iter().enumerate() {
         let app = listen_in(&p.pod, sa(pod_ip, 8080), false);
-        let _c =
-            connect_in(&p.pod, sa(pod_ip, 8080), Opts::default(), b"me").expect("connect own ip");
-        let (s, _) = accept_hello(&proxy[i], b"me");
-        assert_eq!(original_dst(&s), sa(pod_ip, 8080));
-        assert!(untouched(&app));
+        let _c = assert_captured_outbound(&p.pod, sa(pod_ip, 8080), &proxy[i], &app, b"me");
     }
 }
 
@@ -706,9 +718,7 @@ fn ipv6_disabled_pod_installs_and_captures_ipv4() {
     install(Path::new(&ns), &RedirectConfig::default()).expect("reinstall without IPv6");
     let proxy = listen_in(&pod, sa("127.0.0.1", 15001), false);
     let peer_app = listen_in(&peer, sa(PEER4, 8080), false);
-    let _c = connect_in(&pod, sa(PEER4, 8080), Opts::default(), b"v4").unwrap();
-    accept_hello(&proxy, b"v4");
-    assert!(untouched(&peer_app));
+    let _c = assert_captured_outbound(&pod, sa(PEER4, 8080), &proxy, &peer_app, b"v4");
     remove(Path::new(&ns), &RedirectConfig::default()).expect("remove without IPv6");
 }
 

@@ -6,7 +6,10 @@
 //! * a destination's change reaches the proxies subscribed to it, and only
 //!   them;
 //! * idle destinations are dropped (store and server subscription) while
-//!   the own workload and the prefetch list stay.
+//!   the own workload and the prefetch list stay;
+//! * the per-object cost model behind the bench's cluster totals
+//!   (`meshd::scale`) predicts what a real scoped client receives, for the
+//!   scenario's median pod (the bench's pod).
 //!
 //! No root needed.
 
@@ -19,7 +22,8 @@ use std::time::Duration;
 use netproxy::state::Store;
 use netproxy::xds::{Backoff, NodeInfo, Subscription, XdsClient, XdsConfig, XdsHandle};
 use sidetunnel_meshd::inventory::model::{Policy, Workload};
-use sidetunnel_meshd::inventory::parse_model;
+use sidetunnel_meshd::inventory::{self, parse_model};
+use sidetunnel_meshd::scale::{self, CostModel, Spread};
 
 use meshd_support::{Mesh, WAIT, ip, run_ok};
 
@@ -382,5 +386,58 @@ async fn idle_destinations_are_dropped_but_pinned_names_stay() {
             .is_some()
     );
     assert!(store.workload_by_ip("", ip("10.0.1.7")).is_some());
+    task.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cost_model_predicts_what_the_median_pod_receives() {
+    let text = run_ok(&["generate", "--services", "100", "--pods", "1000"]);
+    let inv = parse_model(&text).expect("generated inventory parses");
+    let snap = inventory::parse(&scale::context(), &text).expect("inventory converts");
+    let model = CostModel::new(&snap);
+    let spread = Spread::of(10, &scale::scoped_per_pod(&model, 10)).expect("pods");
+    let pod = spread.median_pod;
+    let want_uid = model.workloads().nth(pod).expect("median pod").clone();
+    let dests = model.destinations(pod, &want_uid, 10);
+    let want = model.scoped(&want_uid, &dests);
+    assert_eq!(want.total_bytes(), spread.median);
+    let me = inv
+        .workloads
+        .iter()
+        .find(|w| uid(w) == want_uid)
+        .expect("the model's pod is in the inventory");
+
+    let mesh = Mesh::new(&text);
+    let meshd = mesh.serve("127.0.0.1:0");
+    let (store, handle, task) = scoped_client(&mesh, &meshd.url(), me, |_| {});
+    synced(&handle).await;
+    for d in &dests {
+        assert!(store.fetch_name(d).await.unwrap().is_some(), "{d}");
+    }
+    let (w, s, p) = held(&store);
+    let held: BTreeSet<String> = w.union(&s).cloned().collect();
+    assert_eq!(held, want.addresses);
+    assert_eq!(p, want.policies);
+
+    let c = handle.stats().snapshot();
+    assert_eq!(c.nacks, 0);
+    assert_eq!(c.responses as usize, want.responses);
+    // Only nonces differ in length (the model assumes "1-1-1", meshd
+    // numbers streams and responses).
+    let slack = 8 * want.responses as i64;
+    let diff = c.bytes_received as i64 - want.total_bytes() as i64;
+    assert!(
+        diff.abs() <= slack,
+        "received {} bytes, the model says {} (pod {pod})",
+        c.bytes_received,
+        want.total_bytes()
+    );
+    println!(
+        "median pod {pod} of scenario A, 10 destinations: received {} B, model {} B; all pods: median {} B, mean {:.0} B",
+        c.bytes_received,
+        want.total_bytes(),
+        spread.median,
+        spread.mean
+    );
     task.abort();
 }

@@ -14,7 +14,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Result, bail, ensure};
 use shim_support::{
     APP_PORT, Cluster, MeshPod, WAIT, counting_server, idle_client, metrics_via, mtls_opened,
     netns_of, request, server_counts,
@@ -28,30 +28,15 @@ const NS: &str = "faults";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sidetunnel_pods_survive_and_clean_up_after_faults() -> Result<()> {
-    if !shim_support::prerequisites(TEST) {
-        return Ok(());
-    }
-    tokio::time::timeout(Duration::from_secs(600), run())
-        .await
-        .context("shim_faults test exceeded 600s")?
-}
-
-async fn run() -> Result<()> {
-    let mut c = Cluster::start("").await?;
-    let res = async {
+    shim_support::run_on_cluster(TEST, async |c| {
         let mut cri = c.h.cri().await?;
-        control_plane_down_at_pod_start(&mut c, &mut cri).await?;
-        let pair = mesh_pair(&c, &mut cri).await?;
-        proxy_killed_repeatedly_under_traffic(&c, &mut cri, &pair).await?;
-        let cri = containerd_restarted_while_pods_run(&mut c, &pair).await?;
-        shim_killed(&c, cri).await
-    }
-    .await;
-    if res.is_err() {
-        c.dump_logs();
-    }
-    res?;
-    c.shutdown().await
+        control_plane_down_at_pod_start(c, &mut cri).await?;
+        let pair = mesh_pair(c, &mut cri).await?;
+        proxy_killed_repeatedly_under_traffic(c, &mut cri, &pair).await?;
+        let cri = containerd_restarted_while_pods_run(c, &pair).await?;
+        shim_killed(c, cri).await
+    })
+    .await
 }
 
 /// meshd (control plane and CA) is down when the pod starts: the proxy

@@ -21,34 +21,20 @@ use shim_support::{
 use sidetunnel_tests::containerd::{RUNC, SIDETUNNEL};
 use sidetunnel_tests::cri::{Container, ContainerSpec, Cri, median};
 use sidetunnel_tests::image;
-use sidetunnel_tests::mesh::metrics;
+use sidetunnel_tests::mesh::{admin_get, admin_socket, metrics};
 
 const TEST: &str = "shim_mesh";
 const NS: &str = "mesh";
+const PREFETCH: &str = "sidetunnel.io/prefetch";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_sidetunnel_pods_talk_over_mtls_and_fail_closed() -> Result<()> {
-    if !shim_support::prerequisites(TEST) {
-        return Ok(());
-    }
-    tokio::time::timeout(Duration::from_secs(600), run())
-        .await
-        .context("shim_mesh test exceeded 600s")?
-}
-
-async fn run() -> Result<()> {
-    let c = Cluster::start("").await?;
-    let res = async {
+    shim_support::run_on_cluster(TEST, async |c| {
         let mut cri = c.h.cri().await?;
-        mesh_pods(&c, &mut cri).await?;
-        timed_pods(&c, &mut cri).await
-    }
-    .await;
-    if res.is_err() {
-        c.dump_logs();
-    }
-    res?;
-    c.shutdown().await
+        mesh_pods(c, &mut cri).await?;
+        timed_pods(c, &mut cri).await
+    })
+    .await
 }
 
 /// The mesh pair plus what each phase needs of it.
@@ -66,12 +52,15 @@ impl Pair {
 }
 
 async fn mesh_pods(c: &Cluster, cri: &mut Cri) -> Result<()> {
+    bad_prefetch_fails_the_pod(c, cri).await?;
     let server = c
         .run_pod(cri, &c.pod_config("server", NS), "server")
         .await?;
-    let client = c
-        .run_pod(cri, &c.pod_config("client", NS), "client")
-        .await?;
+    // The client prefetches the server (`sidetunnel.io/prefetch`).
+    let client_config = c
+        .pod_config("client", NS)
+        .annotation(PREFETCH, &server.ip.to_string());
+    let client = c.run_pod(cri, &client_config, "client").await?;
     for p in [&server, &client] {
         // Before any app container: the ruleset is installed and the proxy
         // runs confined.
@@ -91,6 +80,7 @@ async fn mesh_pods(c: &Cluster, cri: &mut Cri) -> Result<()> {
             .with_context(|| format!("{}'s proxy", p.pod.config.name))?;
     }
     c.publish(&[&server, &client]).await?;
+    prefetched_before_traffic(c, &server, &client).await?;
     let server_app = cri.run_container(&server.pod, &counting_server()).await?;
     let client_app = cri.run_container(&client.pod, &idle_client()).await?;
     server_app.wait_log("listening", WAIT).await?;
@@ -117,6 +107,49 @@ async fn mesh_pods(c: &Cluster, cri: &mut Cri) -> Result<()> {
         c.assert_gone(p.id(), &netns, &[&app.id]).await?;
     }
     c.assert_no_processes().await
+}
+
+/// A pod whose prefetch annotation has an entry the proxy cannot resolve
+/// fails RunPodSandbox with a message naming the annotation and the entry,
+/// and leaves no process behind (run first, while no other pod exists).
+async fn bad_prefetch_fails_the_pod(c: &Cluster, cri: &mut Cri) -> Result<()> {
+    let config = c
+        .pod_config("bad-prefetch", NS)
+        .annotation(PREFETCH, "10.0.0.1,api.example.com");
+    match cri.run_pod(&config).await {
+        Ok(pod) => bail!("a pod with a bad {PREFETCH} ran: {}", pod.id),
+        Err(e) => {
+            let msg = format!("{e:#}");
+            ensure!(
+                msg.contains(PREFETCH) && msg.contains("api.example.com"),
+                "RunPodSandbox error does not name the annotation and entry: {msg}"
+            );
+            eprintln!("bad prefetch refused: {msg}");
+        }
+    }
+    c.assert_no_processes().await
+}
+
+/// Right after the pods joined the mesh and before any traffic: the client
+/// proxy holds the server's workload (prefetched), the server proxy does
+/// not hold the client's (nothing asked for it: scoped config).
+async fn prefetched_before_traffic(c: &Cluster, server: &MeshPod, client: &MeshPod) -> Result<()> {
+    c.wait_knows(client, server)
+        .await
+        .context("the client proxy did not prefetch the server's workload")?;
+    let dump = admin_get(&admin_socket(&c.state_root, server.id()), "/config_dump")?;
+    let v: serde_json::Value = serde_json::from_str(&dump)?;
+    let on_server: Vec<&str> = v["workloads"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|w| w["name"].as_str())
+        .collect();
+    ensure!(
+        !on_server.contains(&"client"),
+        "the server proxy holds the client's workload before any traffic: {on_server:?}"
+    );
+    Ok(())
 }
 
 /// Requests from the client app reach the server app through both proxies,
@@ -309,7 +342,7 @@ async fn killed_proxy_fails_closed(c: &Cluster, cri: &mut Cri, p: &Pair) -> Resu
 }
 
 /// A `runc` pod (containerd's own shim) on the same node: it runs as
-/// before, and
+/// before, a mesh client reaches it (plain TCP: it is not in the mesh) and
 /// it reaches the mesh server (plaintext inbound, PERMISSIVE).
 async fn runc_side_by_side(c: &Cluster, cri: &mut Cri, p: &Pair) -> Result<()> {
     let (rpod, rapp, _) = cri
@@ -320,11 +353,23 @@ async fn runc_side_by_side(c: &Cluster, cri: &mut Cri, p: &Pair) -> Result<()> {
         "the runc pod has sidetunnel state"
     );
     rapp.wait_log("listening", WAIT).await?;
-    // The mesh client → runc pod direction (on-demand lookup of a non-mesh
-    // IP, then passthrough) is not checked here: through containerd its
-    // lookup intermittently gets no answer (open bug, issue 9 note).
-    // Passthrough itself is covered by dataplane.rs
-    // (destination_outside_the_mesh_is_passthrough).
+    // The mesh client reaches it: an on-demand lookup of a non-mesh IP,
+    // answered negatively by meshd, then passthrough.
+    let rip: std::net::IpAddr = cri.pod_ip(&rpod.id).await?.parse()?;
+    let runc_addr = SocketAddr::new(rip, APP_PORT);
+    if let Err(e) = request(cri, &p.client_app.id, runc_addr, "to-runc").await? {
+        let dump = admin_get(&admin_socket(&c.state_root, p.client.id()), "/config_dump")
+            .map(|d| {
+                let v: serde_json::Value = serde_json::from_str(&d).unwrap_or_default();
+                v["xds"].to_string()
+            })
+            .unwrap_or_else(|e| format!("(no config dump: {e:#})"));
+        bail!("mesh client → runc pod {runc_addr}: {e}; client proxy xDS state: {dump}");
+    }
+    ensure!(
+        server_counts(cri, &rapp.id).await?.0 == 1,
+        "the runc pod's server did not count the mesh client's connection"
+    );
     let before = server_counts(cri, &p.server_app.id).await?;
     request(cri, &rapp.id, p.target(), "from-runc")
         .await?

@@ -441,3 +441,112 @@ async fn full_sync_size_for_1000_pods() {
     );
     task.abort();
 }
+
+/// On demand, like the proxy: only its own IP pinned.
+fn on_demand_client(
+    mesh: &Mesh,
+    meshd: &Meshd,
+) -> (Arc<Store>, XdsHandle, tokio::task::JoinHandle<()>) {
+    let token = mesh.token("default", "client");
+    let mut cfg = client_config(mesh, &meshd.url(), Some(token));
+    cfg.addresses = Subscription::OnDemand {
+        initial: vec!["/10.0.0.10".to_string()],
+    };
+    start_client(cfg)
+}
+
+/// The shim_mesh bug: an on-demand lookup of an IP nobody holds must get
+/// meshd's negative answer, also right after (and while) an inventory
+/// change is pushed on the stream, and again when asked a second time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_ip_is_answered_around_inventory_pushes() {
+    let mesh = Mesh::new(INVENTORY);
+    let meshd = mesh.serve("127.0.0.1:0");
+    let (store, handle, task) = on_demand_client(&mesh, &meshd);
+    synced(&handle).await;
+    // Something on demand that the edits below change, so pushes happen.
+    assert!(matches!(
+        store.fetch_on_demand("", ip("10.0.2.1")).await,
+        Ok(Some(Address::Workload(_)))
+    ));
+
+    for round in 1..=4u8 {
+        let before = handle.stats().snapshot().responses;
+        mesh.write_inventory(&INVENTORY.replace(
+            "addresses: [10.0.2.1]",
+            &format!("addresses: [10.0.2.1, 10.0.3.{round}]"),
+        ));
+        // Ask for fresh unknown IPs until the push has arrived and a bit
+        // after: each must be answered negatively, never time out.
+        let mut asked = 0u32;
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            let pushed = store
+                .workload_by_ip("", ip(&format!("10.0.3.{round}")))
+                .is_some();
+            // 10.<round>.0.0/16 holds nothing, and fresh names never repeat.
+            let unknown =
+                std::net::IpAddr::V4((u32::from_be_bytes([10, round, 0, 0]) + asked + 1).into());
+            let got = store.fetch_on_demand("", unknown).await;
+            assert_eq!(
+                got,
+                Ok(None),
+                "round {round}: {unknown} after {asked} lookups"
+            );
+            // The same name again: answered from the negative cache.
+            assert_eq!(store.fetch_on_demand("", unknown).await, Ok(None));
+            asked += 1;
+            if pushed && asked > 3 {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "push not applied");
+        }
+        assert!(handle.stats().snapshot().responses > before);
+    }
+    assert_eq!(handle.stats().snapshot().nacks, 0);
+    task.abort();
+}
+
+/// A destination that was answered once and then removed from the mesh
+/// (its pod deleted; a non-mesh pod may reuse the IP): asking for it again
+/// must reach the control plane and get a negative answer, not wait for
+/// an answer to a subscription the server already considers answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removed_destination_is_answered_when_asked_again() {
+    let mesh = Mesh::new(INVENTORY);
+    let meshd = mesh.serve("127.0.0.1:0");
+    let (store, handle, task) = on_demand_client(&mesh, &meshd);
+    synced(&handle).await;
+    match store.fetch_on_demand("", ip("10.0.2.1")).await {
+        Ok(Some(Address::Workload(w))) => assert_eq!(w.name, "db-1"),
+        other => panic!("db-1 by IP: {other:?}"),
+    }
+    // db-1 goes away.
+    mesh.write_inventory(&INVENTORY.replace(
+        "  - name: db-1\n    namespace: data\n    serviceAccount: db\n    addresses: [10.0.2.1]\n    labels: {app: db}\n",
+        "",
+    ));
+    assert!(
+        store
+            .wait_until(WAIT, |s| s.workload_by_ip("", ip("10.0.2.1")).is_none())
+            .await,
+        "removal not pushed"
+    );
+    for attempt in 1..=2 {
+        assert_eq!(
+            store.fetch_on_demand("", ip("10.0.2.1")).await,
+            Ok(None),
+            "attempt {attempt}"
+        );
+    }
+    // When it comes back, the server pushes it (the subscription stays).
+    mesh.write_inventory(INVENTORY);
+    assert!(
+        store
+            .wait_until(WAIT, |s| s.workload_by_ip("", ip("10.0.2.1")).is_some())
+            .await,
+        "db-1 not pushed after it came back"
+    );
+    assert_eq!(handle.stats().snapshot().nacks, 0);
+    task.abort();
+}

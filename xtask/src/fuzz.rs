@@ -7,6 +7,12 @@
 //! and regression inputs (`tests/fuzz/regressions/<target>`) are read; what
 //! the fuzzer discovers goes to `<target>/fuzz/corpus/<target>`, outside
 //! the tree. Crash inputs land in `tests/fuzz/artifacts/<target>/`.
+//!
+//! `fuzz long` (the runs recorded in docs/fuzzing.md) builds without
+//! AddressSanitizer, in `<target>/fuzz/nosan`: the targets are safe Rust,
+//! where ASan finds next to nothing and costs several times the speed (see
+//! docs/fuzzing.md); debug assertions and overflow checks stay on, as in
+//! every cargo-fuzz build.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -17,6 +23,18 @@ use clap::Subcommand;
 
 /// Seconds each target runs in `fuzz smoke` (and in `cargo xtask test`).
 pub const SMOKE_SECS: u64 = 10;
+
+/// Input size limit per target for `fuzz long`: small for text parsers so
+/// the fuzzer does not waste time on inputs no caller can send.
+fn max_len(target: &str) -> usize {
+    match target {
+        "spiffe_identity" => 256,
+        "ca_csr_sans" => 512,
+        "redirect_annotations" | "hbone_request" | "jwt_claims" => 1024,
+        "jwt_token" | "ca_csr" => 2048,
+        _ => 4096,
+    }
+}
 
 #[derive(Subcommand)]
 pub enum FuzzTask {
@@ -38,6 +56,20 @@ pub enum FuzzTask {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Long runs, one target at a time at lowest CPU priority, without
+    /// ASan: each target until `--runs` executions or `--time` seconds.
+    /// Prints a table of executions, speed, coverage and crashes; fails if
+    /// any target crashed (after running the others).
+    Long {
+        /// Executions per target.
+        #[arg(long, default_value_t = 10_000_000)]
+        runs: u64,
+        /// Seconds per target at most.
+        #[arg(long, default_value_t = 600)]
+        time: u64,
+        /// Targets to run (default: all).
+        targets: Vec<String>,
+    },
     /// List the fuzz targets.
     List,
     /// Regenerate the seed corpora (tests/fuzz/examples/seeds.rs).
@@ -55,8 +87,16 @@ pub fn run(task: FuzzTask) -> Result<()> {
                 .into_iter()
                 .collect();
             flags.extend(args);
-            fuzz.run_target(&target, &flags, false).map(|_| ())
+            if fuzz.run_target(&target, &flags, Mode::Verbose)?.crashed {
+                bail!("fuzz target {target} crashed");
+            }
+            Ok(())
         }
+        FuzzTask::Long {
+            runs,
+            time,
+            targets,
+        } => fuzz.long(runs, time, targets),
         FuzzTask::List => {
             fuzz.targets()?.iter().for_each(|t| println!("{t}"));
             Ok(())
@@ -73,11 +113,55 @@ struct Fuzz {
     cargo: String,
 }
 
-/// What libFuzzer reported at the end of a run (`-print_final_stats=1`).
+/// How a target runs.
+#[derive(Clone, Copy, PartialEq)]
+enum Mode {
+    /// With ASan; libFuzzer's progress lines shown.
+    Verbose,
+    /// With ASan; per-input progress lines (`#123 NEW …`) dropped.
+    Quiet,
+    /// Without ASan (`fuzz long`), niced; progress dropped.
+    Long,
+}
+
+/// What libFuzzer reported (`-print_final_stats=1` and progress lines).
 #[derive(Default)]
 struct Stats {
     execs: u64,
     secs: u64,
+    execs_per_sec: u64,
+    cov: u64,
+    ft: u64,
+    crashed: bool,
+}
+
+impl Stats {
+    /// Takes what a libFuzzer output line tells.
+    fn read(&mut self, line: &str) {
+        if let Some(v) = stat(line, "stat::number_of_executed_units:") {
+            self.execs = v;
+        }
+        if let Some(v) = stat(line, "stat::average_exec_per_sec:") {
+            self.execs_per_sec = v;
+        }
+        if let Some(v) = stat(line, "Done ") {
+            self.secs = v;
+        }
+        // `#123\tNEW    cov: 240 ft: 496 corp: …`: the last one is final.
+        if line.starts_with('#') {
+            let mut words = line.split_whitespace();
+            while let Some(w) = words.next() {
+                let slot = match w {
+                    "cov:" => &mut self.cov,
+                    "ft:" => &mut self.ft,
+                    _ => continue,
+                };
+                if let Some(v) = words.next().and_then(|v| v.parse().ok()) {
+                    *slot = v;
+                }
+            }
+        }
+    }
 }
 
 impl Fuzz {
@@ -124,16 +208,25 @@ impl Fuzz {
     }
 
     /// `cargo fuzz <sub> --fuzz-dir … --target-dir …`, allowed to use the
-    /// nightly flags cargo-fuzz passes.
-    fn cargo_fuzz(&self, sub: &str) -> Command {
-        let mut cmd = Command::new(&self.cargo);
-        cmd.arg("fuzz")
-            .arg(sub)
-            .arg("--fuzz-dir")
-            .arg(&self.dir)
-            .arg("--target-dir")
-            .arg(&self.target_dir)
-            .env("RUSTC_BOOTSTRAP", "1");
+    /// nightly flags cargo-fuzz passes. `Mode::Long` builds without ASan,
+    /// in its own target dir (so the two builds never evict each other),
+    /// and runs at the lowest CPU priority.
+    fn cargo_fuzz(&self, sub: &str, mode: Mode) -> Command {
+        let mut cmd = if mode == Mode::Long {
+            let mut c = Command::new("nice");
+            c.args(["-n", "19"]).arg(&self.cargo);
+            c
+        } else {
+            Command::new(&self.cargo)
+        };
+        cmd.arg("fuzz").arg(sub).arg("--fuzz-dir").arg(&self.dir);
+        if mode == Mode::Long {
+            cmd.args(["--sanitizer", "none", "--target-dir"])
+                .arg(self.target_dir.join("nosan"));
+        } else {
+            cmd.arg("--target-dir").arg(&self.target_dir);
+        }
+        cmd.env("RUSTC_BOOTSTRAP", "1");
         cmd
     }
 
@@ -152,17 +245,18 @@ impl Fuzz {
 
     fn smoke(&self, secs: u64) -> Result<()> {
         self.require_cargo_fuzz()?;
-        let status = self
-            .cargo_fuzz("build")
-            .status()
-            .context("running cargo fuzz build")?;
-        if !status.success() {
-            bail!("`cargo fuzz build` failed ({status})");
-        }
+        self.build(Mode::Quiet)?;
         let mut summary = Vec::new();
         for target in self.targets()? {
             eprintln!("--> fuzz {target} for {secs}s");
-            let stats = self.run_target(&target, &[format!("-max_total_time={secs}")], true)?;
+            let stats =
+                self.run_target(&target, &[format!("-max_total_time={secs}")], Mode::Quiet)?;
+            if stats.crashed {
+                bail!(
+                    "fuzz target {target} failed; the crashing input is in {}",
+                    self.dir.join("artifacts").join(&target).display()
+                );
+            }
             summary.push(format!(
                 "{target}: {} execs in {}s",
                 stats.execs, stats.secs
@@ -172,13 +266,75 @@ impl Fuzz {
         Ok(())
     }
 
-    /// Runs one target on its working corpus, seeds and regressions. With
-    /// `quiet`, libFuzzer's per-input progress lines (`#123 NEW …`) are
-    /// dropped; everything else (crash reports above all) is shown.
-    fn run_target(&self, target: &str, flags: &[String], quiet: bool) -> Result<Stats> {
+    fn build(&self, mode: Mode) -> Result<()> {
+        let status = self
+            .cargo_fuzz("build", mode)
+            .status()
+            .context("running cargo fuzz build")?;
+        if !status.success() {
+            bail!("`cargo fuzz build` failed ({status})");
+        }
+        Ok(())
+    }
+
+    fn long(&self, runs: u64, secs: u64, targets: Vec<String>) -> Result<()> {
+        self.require_cargo_fuzz()?;
+        let targets = if targets.is_empty() {
+            self.targets()?
+        } else {
+            targets
+        };
+        for t in &targets {
+            self.check_target(t)?;
+        }
+        self.build(Mode::Long)?;
+        let mut rows = vec![
+            "| target | executions | seconds | exec/s | cov | ft | crashes |".to_string(),
+            "| --- | ---: | ---: | ---: | ---: | ---: | --- |".to_string(),
+        ];
+        let mut crashed = Vec::new();
+        for target in &targets {
+            eprintln!("--> fuzz {target}: {runs} runs or {secs}s");
+            let flags = [
+                format!("-runs={runs}"),
+                format!("-max_total_time={secs}"),
+                format!("-max_len={}", max_len(target)),
+            ];
+            let s = self.run_target(target, &flags, Mode::Long)?;
+            if s.crashed {
+                crashed.push(target.clone());
+            }
+            let row = format!(
+                "| `{target}` | {} | {} | {} | {} | {} | {} |",
+                s.execs,
+                s.secs,
+                s.execs_per_sec,
+                s.cov,
+                s.ft,
+                if s.crashed { "**crash**" } else { "0" }
+            );
+            eprintln!("{row}");
+            rows.push(row);
+        }
+        println!("{}", rows.join("\n"));
+        if !crashed.is_empty() {
+            bail!(
+                "crashes in {}; inputs in {}",
+                crashed.join(", "),
+                self.dir.join("artifacts").display()
+            );
+        }
+        Ok(())
+    }
+
+    /// Runs one target on its working corpus, seeds and regressions. Except
+    /// in `Mode::Verbose`, libFuzzer's progress lines (`#123 NEW …`,
+    /// `NEW_FUNC …`) are dropped; everything else (crash reports above all) is shown.
+    /// A crash is reported in the stats, not as an error.
+    fn run_target(&self, target: &str, flags: &[String], mode: Mode) -> Result<Stats> {
         let work = self.target_dir.join("corpus").join(target);
         std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
-        let mut cmd = self.cargo_fuzz("run");
+        let mut cmd = self.cargo_fuzz("run", mode);
         // The first corpus directory receives new inputs.
         cmd.arg(target).arg(&work);
         for dir in ["corpus", "regressions"] {
@@ -197,22 +353,19 @@ impl Fuzz {
         let stderr = child.stderr.take().context("no stderr pipe")?;
         for line in BufReader::new(stderr).lines() {
             let line = line.context("reading cargo fuzz output")?;
-            if let Some(v) = stat(&line, "stat::number_of_executed_units:") {
-                stats.execs = v;
-            }
-            if let Some(v) = stat(&line, "Done ") {
-                stats.secs = v;
-            }
-            if !(quiet && line.starts_with('#')) {
+            stats.read(&line);
+            let progress = line.starts_with('#') || line.starts_with("\tNEW_FUNC");
+            if mode == Mode::Verbose || !progress {
                 eprintln!("{line}");
             }
         }
         let status = child.wait().context("waiting for cargo fuzz run")?;
         if !status.success() {
-            bail!(
+            eprintln!(
                 "fuzz target {target} failed ({status}); the crashing input is in {}",
                 self.dir.join("artifacts").join(target).display()
             );
+            stats.crashed = true;
         }
         Ok(stats)
     }
@@ -245,4 +398,29 @@ fn stat(line: &str, prefix: &str) -> Option<u64> {
         _ => rest.split_whitespace().next()?,
     };
     field.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_libfuzzer_output() {
+        let mut s = Stats::default();
+        for line in [
+            "#2\tINITED cov: 10 ft: 11 corp: 1/1b exec/s: 0 rss: 39Mb",
+            "#2325671\tREDUCE cov: 240 ft: 496 corp: 78/2661b lim: 256 exec/s: 19877 rss: 462Mb",
+            "Done 3225743 runs in 127 second(s)",
+            "stat::number_of_executed_units: 3225743",
+            "stat::average_exec_per_sec:     25399",
+            "stat::new_units_added:          65",
+        ] {
+            s.read(line);
+        }
+        assert_eq!(
+            (s.execs, s.secs, s.execs_per_sec, s.cov, s.ft),
+            (3225743, 127, 25399, 240, 496)
+        );
+        assert!(!s.crashed);
+    }
 }

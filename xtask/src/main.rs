@@ -6,6 +6,7 @@ mod bench;
 mod bench_dataplane;
 mod demo;
 mod fuzz;
+mod soak;
 
 use std::process::Command;
 
@@ -29,7 +30,7 @@ enum Task {
     },
     /// Local containerd + sidetunnel runtime + control plane + two meshed pods.
     Demo(demo::DemoArgs),
-    /// libFuzzer targets (tests/fuzz): `smoke`, `run <target> [--time S]`, `list`, `seeds`.
+    /// libFuzzer targets (tests/fuzz): `smoke`, `run <target> [--time S]`, `long`, `list`, `seeds`.
     Fuzz {
         #[command(subcommand)]
         task: fuzz::FuzzTask,
@@ -39,6 +40,8 @@ enum Task {
         #[command(subcommand)]
         task: bench::BenchTask,
     },
+    /// Create and remove N pods via CRI (sidetunnel runtime); check nothing is left (not in CI).
+    Soak(soak::SoakArgs),
 }
 
 fn main() -> Result<()> {
@@ -47,6 +50,7 @@ fn main() -> Result<()> {
         Task::Demo(args) => demo::run(&args),
         Task::Fuzz { task } => fuzz::run(task),
         Task::Bench { task } => bench::run(task),
+        Task::Soak(args) => soak::run(&args),
     }
 }
 

@@ -10,10 +10,10 @@ use std::path::{Path, PathBuf};
 use ipnet::IpNet;
 use serde::Deserialize;
 
-use super::parse::{duration_or, parse_mark, string_or_int};
+use super::parse::{duration_or, parse_mark, parse_size, string_or_int};
 use super::{
-    CertSource, Config, ConfigError, DEFAULT_MARK, Endpoint, InboundPolicy, LogFormat, PodIdentity,
-    PoolConfig, Ports, XdsMode,
+    CertSource, Config, ConfigError, DEFAULT_MARK, Endpoint, InboundPolicy, Limits, LogFormat,
+    MAX_CONNECTIONS_CAP, PodIdentity, PoolConfig, Ports, XdsMode,
 };
 
 /// Settings of `sidetunnel-proxy run`. Every flag also reads the environment
@@ -223,6 +223,30 @@ pub struct ProxyArgs {
         help_heading = "Runtime"
     )]
     pub pool_idle_timeout: Option<String>,
+    /// Most proxied connections at once (outbound, plaintext inbound and
+    /// HBONE streams); more are refused at once [default: 16384].
+    #[arg(long, env = "SIDETUNNEL_MAX_CONNECTIONS", help_heading = "Limits")]
+    pub max_connections: Option<usize>,
+    /// HTTP/2 receive window per HBONE stream: the most data one tunnelled
+    /// connection may have buffered in the proxy [default: 4MiB].
+    #[arg(
+        long,
+        env = "SIDETUNNEL_H2_STREAM_WINDOW",
+        value_name = "SIZE",
+        help_heading = "Limits"
+    )]
+    #[serde(default, deserialize_with = "string_or_int")]
+    pub h2_stream_window: Option<String>,
+    /// HTTP/2 receive window per HBONE connection, shared by its streams
+    /// [default: 16MiB].
+    #[arg(
+        long,
+        env = "SIDETUNNEL_H2_CONNECTION_WINDOW",
+        value_name = "SIZE",
+        help_heading = "Limits"
+    )]
+    #[serde(default, deserialize_with = "string_or_int")]
+    pub h2_connection_window: Option<String>,
     /// Tokio worker threads of the data path [default: 2].
     #[arg(long, env = "SIDETUNNEL_WORKER_THREADS", help_heading = "Runtime")]
     pub worker_threads: Option<usize>,
@@ -292,7 +316,8 @@ impl ProxyArgs {
             roots_file, outbound_port, inbound_plaintext_port, hbone_port, metrics_port,
             readiness_port, mark, admin_socket, drain_grace_period, connect_timeout,
             on_demand_timeout, pool_max_streams, pool_idle_timeout, worker_threads, log_format, log_level,
-            inbound_policy, xds_idle_timeout;
+            inbound_policy, xds_idle_timeout, max_connections, h2_stream_window,
+            h2_connection_window;
             pod_ips, probe_sources, xds_prefetch)
     }
 
@@ -423,6 +448,12 @@ impl ProxyArgs {
             ));
         }
 
+        let limits = resolve_limits(
+            self.max_connections,
+            self.h2_stream_window,
+            self.h2_connection_window,
+        )?;
+
         // Checked here so a bad entry fails the start with the flag named.
         crate::xds::prefetch_names(&self.xds_prefetch, &pod.network)
             .map_err(|e| ConfigError::invalid("xds-prefetch", &e.entry, &e.reason))?;
@@ -430,6 +461,7 @@ impl ProxyArgs {
         Ok(Config {
             pod,
             worker_threads,
+            limits,
             xds,
             token_file: self.token_file,
             xds_mode: self.xds_mode.unwrap_or(XdsMode::OnDemand),
@@ -460,6 +492,55 @@ impl ProxyArgs {
                 .collect::<Result<_, _>>()?,
         })
     }
+}
+
+/// `--max-connections` and the HTTP/2 windows, validated.
+fn resolve_limits(
+    max_connections: Option<usize>,
+    stream_window: Option<String>,
+    connection_window: Option<String>,
+) -> Result<Limits, ConfigError> {
+    let d = Limits::default();
+    let max_connections = max_connections.unwrap_or(d.max_connections);
+    if !(1..=MAX_CONNECTIONS_CAP).contains(&max_connections) {
+        return Err(ConfigError::invalid(
+            "max-connections",
+            max_connections,
+            format!("must be 1..={MAX_CONNECTIONS_CAP}"),
+        ));
+    }
+    let window = |flag, v: Option<String>, default: u32| -> Result<u32, ConfigError> {
+        let Some(s) = v else { return Ok(default) };
+        let n = parse_size(&s).map_err(|e| ConfigError::invalid(flag, &s, e))?;
+        // HTTP/2 (RFC 9113 §6.9): windows range from the protocol's initial
+        // 65,535 bytes up to 2^31-1.
+        if !(65_535..=(i32::MAX as u64)).contains(&n) {
+            return Err(ConfigError::invalid(
+                flag,
+                &s,
+                "must be 65535 bytes ..= 2GiB-1 (HTTP/2 limits)",
+            ));
+        }
+        Ok(n as u32)
+    };
+    let stream_window = window("h2-stream-window", stream_window, d.stream_window)?;
+    let connection_window = window(
+        "h2-connection-window",
+        connection_window,
+        d.connection_window,
+    )?;
+    if connection_window < stream_window {
+        return Err(ConfigError::invalid(
+            "h2-connection-window",
+            connection_window,
+            format!("must be at least --h2-stream-window ({stream_window})"),
+        ));
+    }
+    Ok(Limits {
+        max_connections,
+        stream_window,
+        connection_window,
+    })
 }
 
 fn required<T>(v: Option<T>, flag: &'static str, env: &'static str) -> Result<T, ConfigError> {

@@ -14,7 +14,7 @@ use std::time::Duration;
 use ipnet::IpNet;
 
 pub use args::ProxyArgs;
-pub use parse::{parse_duration, parse_mark};
+pub use parse::{parse_duration, parse_mark, parse_size};
 
 /// Istio ambient's packet mark for the proxy's own sockets; the redirection
 /// ruleset lets marked traffic through untouched.
@@ -184,6 +184,37 @@ pub struct PoolConfig {
     pub idle_timeout: Duration,
 }
 
+/// Largest accepted `--max-connections` (each connection needs two file
+/// descriptors; far beyond what one pod's proxy should hold).
+pub const MAX_CONNECTIONS_CAP: usize = 1 << 20;
+
+/// Resource bounds. Worst-case memory of one proxied connection is about
+/// one stream window (data received from the peer proxy, not yet written
+/// to the local socket) plus the copy chunks in flight; the connection
+/// window caps what all streams of one HBONE connection may hold together.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Limits {
+    /// Most proxied connections held at once; more are refused.
+    pub max_connections: usize,
+    /// HTTP/2 receive window of one HBONE stream (bytes).
+    pub stream_window: u32,
+    /// HTTP/2 receive window of one HBONE connection (bytes).
+    pub connection_window: u32,
+}
+
+impl Default for Limits {
+    /// 16384 connections; ztunnel's windows (4 MiB per stream, 16 MiB per
+    /// connection).
+    fn default() -> Self {
+        Limits {
+            max_connections: 16384,
+            stream_window: 4 << 20,
+            connection_window: 16 << 20,
+        }
+    }
+}
+
 /// The resolved and validated proxy configuration.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Config {
@@ -209,6 +240,7 @@ pub struct Config {
     /// Destinations subscribed at start (on-demand mode), as given.
     pub xds_prefetch: Vec<String>,
     pub pool: PoolConfig,
+    pub limits: Limits,
     pub worker_threads: usize,
     pub log_format: LogFormat,
     pub log_level: String,

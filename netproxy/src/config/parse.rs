@@ -1,5 +1,6 @@
 //! Small value parsers shared by flags and the file: durations (`250ms`,
-//! `5s`, `2m`, `1h`), packet marks (`0x539` or decimal) and gRPC addresses.
+//! `5s`, `2m`, `1h`), byte sizes (`65536`, `256KiB`, `4MiB`), packet marks
+//! (`0x539` or decimal) and gRPC addresses.
 
 use std::time::Duration;
 
@@ -27,6 +28,26 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "h" => secs(3600),
         other => Err(format!("unknown unit {other:?} (use ms, s, m or h)")),
     }
+}
+
+/// Parses a byte size: a bare number of bytes or `<n>KiB` / `<n>MiB` /
+/// `<n>GiB` (binary units; HTTP/2 windows are powers of two in practice).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().map_err(|_| {
+        "expected bytes or a number with unit KiB, MiB or GiB (e.g. 4MiB)".to_string()
+    })?;
+    let mul: u64 = match unit.trim() {
+        "" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        other => return Err(format!("unknown unit {other:?} (use KiB, MiB or GiB)")),
+    };
+    n.checked_mul(mul)
+        .ok_or_else(|| "size too large".to_string())
 }
 
 /// Parses a packet mark: `0x`-prefixed hex or decimal, non-zero.

@@ -269,3 +269,103 @@ fn xds_scoping_flags_parse_and_validate() {
     assert!(bad.to_string().contains("xds-prefetch"), "{bad}");
     assert!(parse(&["--xds-idle-timeout", "soon"]).is_err());
 }
+
+#[test]
+fn limits_default_parse_and_validate() {
+    let c = parse(&[]).unwrap();
+    assert_eq!(c.limits, Limits::default());
+    assert_eq!(c.limits.max_connections, 16384);
+    assert_eq!(c.limits.stream_window, 4 << 20);
+    assert_eq!(c.limits.connection_window, 16 << 20);
+
+    let c = parse(&[
+        "--max-connections",
+        "100",
+        "--h2-stream-window",
+        "256KiB",
+        "--h2-connection-window",
+        "1048576",
+    ])
+    .unwrap();
+    assert_eq!(
+        c.limits,
+        Limits {
+            max_connections: 100,
+            stream_window: 256 << 10,
+            connection_window: 1 << 20,
+        }
+    );
+
+    for (args, flag, reason) in [
+        (&["--max-connections", "0"][..], "max-connections", "1..="),
+        (
+            &["--max-connections", "99999999"][..],
+            "max-connections",
+            "1..=",
+        ),
+        (
+            &["--h2-stream-window", "1KiB"][..],
+            "h2-stream-window",
+            "65535",
+        ),
+        (
+            &["--h2-stream-window", "2GiB"][..],
+            "h2-stream-window",
+            "65535",
+        ),
+        (
+            &["--h2-stream-window", "4MB"][..],
+            "h2-stream-window",
+            "unit",
+        ),
+        (
+            &[
+                "--h2-stream-window",
+                "8MiB",
+                "--h2-connection-window",
+                "4MiB",
+            ][..],
+            "h2-connection-window",
+            "at least --h2-stream-window",
+        ),
+    ] {
+        match parse(args) {
+            Err(ConfigError::Invalid {
+                flag: f, reason: r, ..
+            }) => {
+                assert_eq!(f, flag, "{args:?}");
+                assert!(r.contains(reason), "{args:?}: {r}");
+            }
+            other => panic!("{args:?}: expected invalid --{flag}, got {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn limits_from_the_file_are_overridden_by_flags() {
+    let mut f = tempfile::NamedTempFile::new().unwrap();
+    writeln!(
+        f,
+        "max-connections = 7\nh2-stream-window = \"1MiB\"\nh2-connection-window = 8388608"
+    )
+    .unwrap();
+    let path = f.path().to_str().unwrap();
+    let c = parse(&["--config", path]).unwrap();
+    assert_eq!(c.limits.max_connections, 7);
+    assert_eq!(c.limits.stream_window, 1 << 20);
+    assert_eq!(c.limits.connection_window, 8 << 20);
+    let c = parse(&["--config", path, "--max-connections", "9"]).unwrap();
+    assert_eq!(c.limits.max_connections, 9);
+}
+
+#[test]
+fn size_parser() {
+    assert_eq!(parse_size("65536").unwrap(), 65536);
+    assert_eq!(parse_size("256KiB").unwrap(), 256 << 10);
+    assert_eq!(parse_size(" 4MiB ").unwrap(), 4 << 20);
+    assert_eq!(parse_size("1GiB").unwrap(), 1 << 30);
+    assert!(parse_size("").is_err());
+    assert!(parse_size("4mb").is_err());
+    assert!(parse_size("-1").is_err());
+    assert!(parse_size("99999999999999999999GiB").is_err());
+}

@@ -158,6 +158,10 @@ struct KeyEntry {
     connecting: tokio::sync::Mutex<()>,
 }
 
+/// How long before [`Conn::valid_until`] a connection stops taking new
+/// streams (more than a stream's trip to the server).
+const EXPIRY_MARGIN: std::time::Duration = std::time::Duration::from_secs(1);
+
 struct Conn {
     sender: h2::client::SendRequest<Bytes>,
     peer: Identity,
@@ -208,7 +212,10 @@ impl PoolInner {
             .find(|c| {
                 !c.closed.load(Ordering::Acquire)
                     && c.active.load(Ordering::Acquire) < max
-                    && SystemTime::now() < c.valid_until
+                    // The server refuses (401/503) a stream that reaches it
+                    // after either certificate expired: stop a little early
+                    // so a stream in flight at the boundary is not refused.
+                    && SystemTime::now() + EXPIRY_MARGIN < c.valid_until
             })
             .map(|c| {
                 c.active.fetch_add(1, Ordering::AcqRel);

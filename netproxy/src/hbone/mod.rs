@@ -55,8 +55,8 @@ pub struct H2Config {
     pub keepalive_interval: Duration,
     /// A ping unanswered this long closes the connection (default 20 s).
     pub keepalive_timeout: Duration,
-    /// Client: TCP connect + TLS handshake + HTTP/2 handshake deadline
-    /// (default 10 s).
+    /// Client: TCP connect + TLS handshake + HTTP/2 handshake deadline;
+    /// server: deadline for the client's HTTP/2 preface (default 10 s).
     pub connect_timeout: Duration,
     /// Server: most concurrent streams a peer may open (default 200, hyper's).
     pub server_max_concurrent_streams: u32,

@@ -136,7 +136,7 @@ where
     H: Fn(InboundRequest) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    let mut conn = h2::server::Builder::new()
+    let handshake = h2::server::Builder::new()
         .initial_window_size(cfg.stream_window)
         .initial_connection_window_size(cfg.connection_window)
         .max_frame_size(cfg.max_frame_size)
@@ -144,8 +144,18 @@ where
         .max_header_list_size(64 * 1024)
         .max_send_buffer_size(400 * 1024)
         .max_concurrent_streams(cfg.server_max_concurrent_streams)
-        .handshake::<_, Bytes>(io)
-        .await?;
+        .handshake::<_, Bytes>(io);
+    // h2 waits for the client preface without a deadline and keepalive
+    // pings start only after it: a client trickling the preface (slow
+    // loris) would hold the connection forever.
+    let mut conn = tokio::time::timeout(cfg.connect_timeout, handshake)
+        .await
+        .map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "HBONE client did not send the HTTP/2 preface in time",
+            )
+        })??;
     let mut keepalive = pin!(ping::keepalive(
         conn.ping_pong(),
         cfg.keepalive_interval,

@@ -7,11 +7,13 @@
 //! registered under the `istio_` prefix, so counters come out as e.g.
 //! `istio_tcp_connections_opened_total`.
 
+mod limits;
 mod traffic;
 mod xds;
 
 use prometheus_client::registry::Registry;
 
+pub use limits::{ConnectionTableMetrics, ListenerLabel};
 pub use traffic::{
     ConnectionOpen, ConnectionRecorder, Peer, Reporter, ResponseFlags, SecurityPolicy,
     TrafficLabels, TrafficMetrics,
@@ -23,6 +25,7 @@ pub struct Metrics {
     registry: Registry,
     pub traffic: TrafficMetrics,
     pub xds: XdsMetrics,
+    pub connections: ConnectionTableMetrics,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -43,10 +46,13 @@ impl Metrics {
         let traffic = TrafficMetrics::new(registry.sub_registry_with_prefix("istio"));
         let xds = XdsMetrics::default();
         registry.register_collector(Box::new(xds.clone()));
+        let connections =
+            ConnectionTableMetrics::register(registry.sub_registry_with_prefix("sidetunnel"));
         Metrics {
             registry,
             traffic,
             xds,
+            connections,
         }
     }
 

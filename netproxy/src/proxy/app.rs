@@ -6,6 +6,7 @@
 
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use serde_json::json;
 use tokio::signal::unix::{SignalKind, signal};
@@ -14,14 +15,14 @@ use tracing::info;
 
 use super::{Drain, Listeners, ProxyInputs, socket};
 use crate::admin::{self, LogControl, Readiness};
-use crate::config::{CertSource as CfgCertSource, Config, XdsMode};
+use crate::config::{CertSource as CfgCertSource, Config};
 use crate::identity::{
     CaClientConfig, CertSource, CertificateManager, FileSourceConfig, Identity, IdentityError,
     IdentityParseError,
 };
 use crate::metrics::Metrics;
-use crate::state::{NetworkAddr, Store};
-use crate::xds::{NodeInfo, Subscription, XdsClient, XdsConfig, XdsHandle};
+use crate::state::Store;
+use crate::xds::{XdsClient, XdsConfig, XdsHandle};
 
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +51,7 @@ pub enum StartError {
 
 /// Runs the proxy until SIGTERM/SIGINT, then drains.
 pub async fn run(cfg: Config, logs: LogControl) -> Result<(), StartError> {
+    let started = Instant::now();
     let cfg = Arc::new(cfg);
     let any = |port| SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port);
     let listeners = Listeners::bind(&cfg)?;
@@ -82,7 +84,11 @@ pub async fn run(cfg: Config, logs: LogControl) -> Result<(), StartError> {
     )?;
     let (certs, cert_task) = CertificateManager::spawn(identity.clone(), cert_source(&cfg))?;
     let store = Arc::new(Store::with_demand_timeout(cfg.on_demand_timeout));
-    let (xds, xds_task) = XdsClient::new(xds_config(&cfg, &local_ips), store.clone()).spawn();
+    let (xds, xds_task) = XdsClient::new(
+        XdsConfig::from_proxy_config(&cfg, &local_ips),
+        store.clone(),
+    )
+    .spawn();
     let metrics = Arc::new(Metrics::new());
     metrics.xds.attach(xds.clone());
     info!(%identity, ips = ?local_ips, xds = %cfg.xds.address, "sidetunnel-proxy starting");
@@ -109,6 +115,11 @@ pub async fn run(cfg: Config, logs: LogControl) -> Result<(), StartError> {
         local_ips,
     );
     let data_path = tokio::spawn(super::run(pi.clone(), listeners, acceptor, drain.clone()));
+    tokio::spawn(log_ready(started, certs.clone(), xds.clone()));
+    tokio::spawn(super::limits::release_memory_after_bursts(
+        pi.connections.clone(),
+        stop.clone(),
+    ));
     tokio::spawn(admin::serve_metrics(
         metrics_listener,
         metrics.clone(),
@@ -141,6 +152,36 @@ pub async fn run(cfg: Config, logs: LogControl) -> Result<(), StartError> {
     Ok(())
 }
 
+/// Logs once when the proxy first became ready, with what it waited for,
+/// in milliseconds since `run` began (after flags, logging and the runtime):
+/// the start → ready breakdown without a debug log. Gives up silently if
+/// readiness takes longer than [`READY_LOG_BOUND`].
+async fn log_ready(started: Instant, certs: CertificateManager, xds: XdsHandle) {
+    let ms = |t: Instant| t.duration_since(started).as_secs_f64() * 1e3;
+    let cert = async {
+        certs.wait_ready().await;
+        Instant::now()
+    };
+    let config = async {
+        let synced = xds.wait_synced(READY_LOG_BOUND).await;
+        synced.then(Instant::now)
+    };
+    let Ok((cert, Some(config))) =
+        tokio::time::timeout(READY_LOG_BOUND, async { tokio::join!(cert, config) }).await
+    else {
+        return;
+    };
+    info!(
+        ready_ms = format!("{:.1}", ms(cert.max(config))),
+        certificate_ms = format!("{:.1}", ms(cert)),
+        config_ms = format!("{:.1}", ms(config)),
+        "ready"
+    );
+}
+
+/// How long [`log_ready`] waits.
+const READY_LOG_BOUND: Duration = Duration::from_secs(600);
+
 fn cert_source(cfg: &Config) -> CertSource {
     match &cfg.cert_source {
         CfgCertSource::IstioCa { ca } => {
@@ -157,48 +198,6 @@ fn cert_source(cfg: &Config) -> CertSource {
             roots.clone(),
         )),
     }
-}
-
-fn xds_config(cfg: &Config, local_ips: &[IpAddr]) -> XdsConfig {
-    let node = NodeInfo {
-        pod_name: cfg.pod.name.clone(),
-        namespace: cfg.pod.namespace.clone(),
-        service_account: cfg.pod.service_account.clone(),
-        node_name: cfg.pod.node_name.clone().unwrap_or_default(),
-        cluster_id: cfg.pod.cluster_id.clone(),
-        ips: local_ips.to_vec(),
-        extra: Default::default(),
-    };
-    let mut x = XdsConfig::new(cfg.xds.address.clone(), cfg.xds.root_cert.clone(), node);
-    x.server_name = cfg.xds.server_name.clone();
-    x.token_file = cfg.token_file.clone();
-    x.connect_timeout = cfg.connect_timeout;
-    x.mark = cfg.mark;
-    if cfg.xds_mode == XdsMode::OnDemand {
-        // Scoped mode (see `XdsConfig::from_proxy_config`): the pod's own
-        // workload is needed from the start (inbound policy and metrics);
-        // other destinations arrive on demand and are dropped when idle.
-        x.addresses = Subscription::OnDemand {
-            initial: local_ips
-                .iter()
-                .map(|ip| NetworkAddr::new(cfg.pod.network.clone(), *ip).to_string())
-                .collect(),
-        };
-        // Policies stay wildcard: scoping them by the workload uid (as
-        // `XdsConfig::from_proxy_config` does) would hide policies meshd
-        // serves verbatim (inventory `raw:` resources), which it does not
-        // resolve to any workload.
-        x.authorizations = Subscription::Wildcard;
-        x.idle_timeout = Some(cfg.xds_idle_timeout);
-        // Validated when the configuration was resolved.
-        if let Err(e) = x.add_prefetch(&cfg.xds_prefetch, &cfg.pod.network) {
-            tracing::warn!(error = %e, "ignoring the xDS prefetch list");
-        }
-    } else {
-        x.addresses = Subscription::Wildcard;
-        x.authorizations = Subscription::Wildcard;
-    }
-    x
 }
 
 fn config_dump(

@@ -5,6 +5,10 @@
 //!   fail closed);
 //! * 401 when authorization denies (counted with `response_flags="DENY"`);
 //! * 503 when the app does not accept the connection;
+//! * 401 when the client's certificate that authenticated this (long-lived,
+//!   pooled) connection has expired since, 503 when ours has: a stream is
+//!   never accepted on the strength of an expired certificate;
+//! * 503 when the connection table is full (`--max-connections`);
 //! * 200 only after the app accepted, then bytes flow.
 //!
 //! The source seen by authorization and by the app is the TCP peer of the
@@ -13,7 +17,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use http::StatusCode;
 use tokio::net::TcpStream;
@@ -41,6 +45,9 @@ pub(super) async fn handle(
     drain: Drain,
 ) {
     let local = tcp.local_addr().map(socket::canonical).unwrap_or(peer);
+    // Our certificate as of the handshake: a rotation during it can only
+    // present a later-expiring one, so this bound is conservative.
+    let own_expiry = pi.certs.current().map(|c| c.not_after());
     let handshake = tokio::time::timeout(pi.cfg.connect_timeout, acceptor.accept(tcp)).await;
     let (tls, peer_id) = match handshake {
         Ok(Ok(x)) => x,
@@ -55,15 +62,27 @@ pub(super) async fn handle(
         }
     };
     debug!(%peer, identity = %peer_id, "HBONE connection accepted");
+    let expiry = CertExpiry {
+        own: own_expiry,
+        peer: crate::tls::peer_not_after(tls.get_ref().1),
+    };
     let d = drain.clone();
     let shutdown = async move { d.accepting_stopped().await };
     let handler = |req: InboundRequest| {
         let pi = pi.clone();
-        drain.track(serve_stream(pi, req, peer, local))
+        drain.track(serve_stream(pi, req, peer, local, expiry))
     };
     if let Err(e) = serve_connection(tls, peer_id, &pi.h2, shutdown, handler).await {
         debug!(%peer, "HBONE connection ended: {e}");
     }
+}
+
+/// When the two certificates that authenticated one HBONE connection
+/// expire (`None`: unknown, treated as expired).
+#[derive(Debug, Clone, Copy)]
+struct CertExpiry {
+    own: Option<SystemTime>,
+    peer: Option<SystemTime>,
 }
 
 async fn serve_stream(
@@ -71,7 +90,28 @@ async fn serve_stream(
     req: InboundRequest,
     peer: SocketAddr,
     local: SocketAddr,
+    expiry: CertExpiry,
 ) {
+    // Each stream holds an upstream socket and buffers: it takes an entry
+    // of the connection table (see `limits`) or is refused with 503.
+    let Some(_slot) = pi.connections.try_acquire(super::Listener::HboneStream) else {
+        return req.reject(StatusCode::SERVICE_UNAVAILABLE);
+    };
+    let now = SystemTime::now();
+    let expired = |t: Option<SystemTime>| t.is_none_or(|t| now >= t);
+    if expired(expiry.peer) || expired(expiry.own) {
+        let (whose, status) = match expired(expiry.peer) {
+            true => ("client", StatusCode::UNAUTHORIZED),
+            false => ("server", StatusCode::SERVICE_UNAVAILABLE),
+        };
+        TrafficMetrics::early_failure(
+            Reporter::Destination,
+            peer,
+            local,
+            &format!("{whose} certificate of this HBONE connection has expired"),
+        );
+        return req.reject(status);
+    }
     let target = req.destination();
     if !(target.ip() == local.ip() || pi.local_ips.contains(&target.ip()))
         || pi.cfg.ports.self_call_ports().contains(&target.port())

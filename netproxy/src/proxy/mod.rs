@@ -12,11 +12,13 @@
 //!
 //! Submodules: `socket` (marks, TPROXY, original destination), `route`
 //! (destination choice), `outbound`, `inbound` (HBONE), `plaintext`,
-//! `drain` (graceful shutdown), `upstream` (connection to the local app).
+//! `drain` (graceful shutdown), `upstream` (connection to the local app),
+//! `limits` (the bounded connection table).
 
 mod app;
 pub mod drain;
 mod inbound;
+pub mod limits;
 mod outbound;
 mod plaintext;
 pub mod route;
@@ -39,6 +41,7 @@ use crate::state::{Store, Workload};
 
 pub use app::{StartError, run as run_app};
 pub use drain::Drain;
+pub use limits::{ConnectionSlot, ConnectionTable, Listener};
 
 /// Everything the connection handlers share.
 pub struct ProxyInputs {
@@ -48,6 +51,8 @@ pub struct ProxyInputs {
     pub metrics: Arc<Metrics>,
     pub pool: Pool,
     pub h2: H2Config,
+    /// Bounds the connections held at once (`--max-connections`).
+    pub connections: Arc<ConnectionTable>,
     /// The pod's own IPs (connections to them on the proxy's ports are
     /// self-calls; inbound targets must be one of them).
     pub local_ips: Vec<IpAddr>,
@@ -66,8 +71,12 @@ impl ProxyInputs {
             max_streams_per_conn: cfg.pool.max_streams_per_conn,
             idle_timeout: cfg.pool.idle_timeout,
             connect_timeout: cfg.connect_timeout,
+            stream_window: cfg.limits.stream_window,
+            connection_window: cfg.limits.connection_window,
             ..H2Config::default()
         };
+        let connections =
+            ConnectionTable::new(cfg.limits.max_connections, metrics.connections.clone());
         let sockets = Arc::new(MarkedSockets {
             mark: cfg.mark,
             timeout: cfg.connect_timeout,
@@ -80,6 +89,7 @@ impl ProxyInputs {
             metrics,
             pool,
             h2,
+            connections,
             local_ips,
         })
     }
@@ -188,21 +198,22 @@ pub async fn run(
     );
     let out = {
         let pi = pi.clone();
-        accept_loop(listeners.outbound, drain.clone(), move |s, peer, d| {
+        let acc = Accept::new(&pi, Listener::Outbound, &drain);
+        acc.run(listeners.outbound, move |s, peer, d| {
             outbound::handle(pi.clone(), s, peer, d)
         })
     };
     let plain = {
         let pi = pi.clone();
-        accept_loop(
-            listeners.inbound_plaintext,
-            drain.clone(),
-            move |s, peer, d| plaintext::handle(pi.clone(), s, peer, d),
-        )
+        let acc = Accept::new(&pi, Listener::InboundPlaintext, &drain);
+        acc.run(listeners.inbound_plaintext, move |s, peer, d| {
+            plaintext::handle(pi.clone(), s, peer, d)
+        })
     };
     let hb = {
         let pi = pi.clone();
-        accept_loop(listeners.hbone, drain.clone(), move |s, peer, d| {
+        let acc = Accept::new(&pi, Listener::Hbone, &drain);
+        acc.run(listeners.hbone, move |s, peer, d| {
             inbound::handle(pi.clone(), acceptor.clone(), s, peer, d)
         })
     };
@@ -213,31 +224,59 @@ fn local(l: &TcpListener) -> String {
     l.local_addr().map(|a| a.to_string()).unwrap_or_default()
 }
 
-/// Accepts until the drain stops accepting; each connection runs on its own
-/// tracked task (cut when the grace period ends).
-async fn accept_loop<F, Fut>(listener: TcpListener, drain: Drain, handler: F)
-where
-    F: Fn(TcpStream, SocketAddr, Drain) -> Fut,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
-{
-    loop {
-        let (stream, peer) = tokio::select! {
-            _ = drain.accepting_stopped() => break,
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    // EMFILE and friends: back off rather than spin.
-                    warn!("accept on {}: {e}", local(&listener));
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let _ = stream.set_nodelay(true);
-        drain.spawn(handler(stream, socket::canonical(peer), drain.clone()));
+/// One listener's accept loop: what it needs besides the handler.
+struct Accept {
+    kind: Listener,
+    table: Arc<ConnectionTable>,
+    drain: Drain,
+}
+
+impl Accept {
+    fn new(pi: &ProxyInputs, kind: Listener, drain: &Drain) -> Self {
+        Accept {
+            kind,
+            table: pi.connections.clone(),
+            drain: drain.clone(),
+        }
     }
-    // Dropping the listener closes the port: new connections are refused
-    // (the ruleset then resets redirected ones) while open ones drain.
+
+    /// Accepts until the drain stops accepting; each connection runs on its
+    /// own tracked task (cut when the grace period ends) holding an entry
+    /// of the connection table. When the table is full the connection is
+    /// reset at once, before any work is spent on it.
+    async fn run<F, Fut>(self, listener: TcpListener, handler: F)
+    where
+        F: Fn(TcpStream, SocketAddr, Drain) -> Fut,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let drain = self.drain;
+        loop {
+            let (stream, peer) = tokio::select! {
+                _ = drain.accepting_stopped() => break,
+                r = listener.accept() => match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        // EMFILE and friends: back off rather than spin.
+                        warn!("accept on {}: {e}", local(&listener));
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let Some(slot) = self.table.try_acquire(self.kind) else {
+                socket::reset(stream);
+                continue;
+            };
+            let _ = stream.set_nodelay(true);
+            let conn = handler(stream, socket::canonical(peer), drain.clone());
+            drain.spawn(async move {
+                let _slot = slot;
+                conn.await
+            });
+        }
+        // Dropping the listener closes the port: new connections are refused
+        // (the ruleset then resets redirected ones) while open ones drain.
+    }
 }
 
 /// Response flag for an HBONE client failure.

@@ -40,6 +40,14 @@ struct TypeState {
     subscribed: BTreeSet<String>,
     /// The initial names: never dropped as idle.
     pinned: BTreeSet<String>,
+    /// Names subscribed on the current stream since the last response of
+    /// this type: a repeated demand for one of them is not re-sent (a burst
+    /// of connections to a new destination costs one request). Any other
+    /// demand is sent even if the name is subscribed already: the store
+    /// asks only when it holds no answer for the name (e.g. what it
+    /// resolved to was removed since), and the server answers every
+    /// subscribe request.
+    awaiting: BTreeSet<String>,
     /// Version of each resource the store holds, by resource name.
     versions: HashMap<String, String>,
     /// Whether readiness waits for a first response of this type.
@@ -78,6 +86,7 @@ impl XdsClient {
                 expected: wildcard || !subscribed.is_empty(),
                 pinned: subscribed.clone(),
                 subscribed,
+                awaiting: BTreeSet::new(),
                 versions: HashMap::new(),
                 received: false,
             }
@@ -217,6 +226,7 @@ impl XdsClient {
         unsubscribe.extend(removed);
         for n in &unsubscribe {
             t.subscribed.remove(n);
+            t.awaiting.remove(n);
             t.versions.remove(n);
         }
         info!(names = ?unsubscribe, "dropping idle on-demand subscriptions");
@@ -256,8 +266,10 @@ impl XdsClient {
             .into_iter()
             .filter(|n| {
                 if subscribe {
-                    t.subscribed.insert(n.clone())
+                    let new = t.subscribed.insert(n.clone());
+                    t.awaiting.insert(n.clone()) || new
                 } else {
+                    t.awaiting.remove(n);
                     t.subscribed.remove(n)
                 }
             })
@@ -389,6 +401,8 @@ impl XdsClient {
             .iter_mut()
             .map(|t| {
                 let is_address = t.type_url == super::ADDRESS_TYPE_URL;
+                // This request asks for every subscribed name.
+                t.awaiting = t.subscribed.clone();
                 t.versions.retain(|name, _| {
                     if is_address {
                         store.has_address(name)
@@ -460,6 +474,11 @@ impl XdsClient {
             }
             t.versions.extend(accepted);
             t.received = true;
+            // This response may or may not answer the awaited names (it can
+            // be a push crossing our request; the server answers that one
+            // later anyway). Either way a demand from now on is sent again:
+            // a duplicate request is cheap, a name never re-sent is not.
+            t.awaiting.clear();
         }
         let synced = self.types.iter().all(|t| !t.expected || t.received);
         let nacked = detail.is_some();
@@ -526,6 +545,63 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn on_demand_client() -> XdsClient {
+        let node = super::super::NodeInfo::default();
+        let mut cfg = XdsConfig::new("https://127.0.0.1:1", "/nonexistent", node);
+        cfg.addresses = Subscription::OnDemand {
+            initial: vec!["/10.0.0.1".into()],
+        };
+        XdsClient::new(cfg, Arc::new(Store::new()))
+    }
+
+    fn demand(c: &mut XdsClient, name: &str) -> Option<Vec<String>> {
+        let cmd = Command::Subscribe(super::super::ADDRESS_TYPE_URL, vec![name.to_string()]);
+        c.apply_command(cmd).map(|r| r.resource_names_subscribe)
+    }
+
+    /// A demand is sent unless the same name is already awaiting an answer
+    /// on this stream, also when the name is subscribed already (the store
+    /// asks only when it holds no answer for it).
+    #[tokio::test]
+    async fn demands_coalesce_until_a_response_then_are_resent() {
+        let mut c = on_demand_client();
+        let initial = c.initial_requests();
+        assert_eq!(initial[0].resource_names_subscribe, ["/10.0.0.1"]);
+        // The initial request asked for it already.
+        assert_eq!(demand(&mut c, "/10.0.0.1"), None);
+        assert_eq!(demand(&mut c, "/10.0.0.2"), Some(vec!["/10.0.0.2".into()]));
+        assert_eq!(demand(&mut c, "/10.0.0.2"), None);
+
+        let (tx, mut rx) = mpsc::channel(4);
+        let resp = DeltaDiscoveryResponse {
+            type_url: super::super::ADDRESS_TYPE_URL.into(),
+            nonce: "n1".into(),
+            removed_resources: vec!["/10.0.0.2".into()],
+            ..Default::default()
+        };
+        c.on_response(resp, &tx).await.unwrap();
+        let ack = rx.try_recv().unwrap();
+        assert_eq!(
+            (ack.response_nonce.as_str(), ack.error_detail),
+            ("n1", None)
+        );
+
+        // Subscribed, answered: asked again, it is sent again.
+        assert_eq!(demand(&mut c, "/10.0.0.2"), Some(vec!["/10.0.0.2".into()]));
+        assert_eq!(demand(&mut c, "/10.0.0.1"), Some(vec!["/10.0.0.1".into()]));
+        // Unsubscribing forgets it; a new demand subscribes it again.
+        let unsub = Command::Unsubscribe(super::super::ADDRESS_TYPE_URL, vec!["/10.0.0.2".into()]);
+        assert!(c.apply_command(unsub).is_some());
+        assert_eq!(demand(&mut c, "/10.0.0.2"), Some(vec!["/10.0.0.2".into()]));
+        // A reconnect asks for everything: nothing is awaited twice.
+        let initial = c.initial_requests();
+        assert_eq!(
+            initial[0].resource_names_subscribe,
+            ["/10.0.0.1", "/10.0.0.2"]
+        );
+        assert_eq!(demand(&mut c, "/10.0.0.2"), None);
+    }
 
     #[test]
     fn jitter_stays_within_half_to_full() {

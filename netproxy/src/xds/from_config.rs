@@ -1,26 +1,31 @@
 //! Builds the xDS client settings from the proxy's resolved configuration,
-//! so `main` wires the client in one call.
+//! so the proxy wires the client in one call.
+
+use std::net::IpAddr;
 
 use super::{NodeInfo, Subscription, XdsConfig};
 use crate::config::{Config, XdsMode};
+use crate::state::NetworkAddr;
 
 impl XdsConfig {
-    /// Settings for the pod described by `c`: its identity in the node
-    /// metadata, its service-account token file as bearer token, and in
-    /// on-demand mode (sidetunnel's default, "scoped"):
-    /// * Address: the pod's own workload, named as istiod names it
-    ///   (`<cluster>//Pod/<ns>/<name>`), pinned; destinations are fetched on
-    ///   first use and dropped after [`super::DEFAULT_IDLE_TIMEOUT`] unused
-    ///   (add a prefetch list with [`XdsConfig::add_prefetch`]);
-    /// * Authorization: the same uid, which sidetunnel-meshd resolves to the
-    ///   policies that apply to the workload (mesh-wide, its namespace's and
-    ///   those selecting it). This extends istiod's semantics; istiod itself
-    ///   ignores Authorization names (it sends every policy and lists the
-    ///   uid as removed), so the same subscription degrades to "all
-    ///   policies" there.
+    /// Settings for the pod described by `c`, whose addresses are
+    /// `local_ips`: its identity in the node metadata, its service-account
+    /// token file as bearer token, the proxy's socket mark and connect
+    /// timeout, and in on-demand mode (sidetunnel's default, "scoped"):
+    /// * Address: the pod's own workload by its `network/IP` names, pinned
+    ///   (the IPs are certain; inbound policy and metrics need the workload
+    ///   from the start), plus the prefetch list; destinations are fetched
+    ///   on first use and dropped after `c.xds_idle_timeout` unused;
+    /// * Authorization: the own workload's uid as istiod names it
+    ///   (`<cluster>//Pod/<ns>/<name>`), which sidetunnel-meshd resolves to
+    ///   the policies that apply to the workload (mesh-wide, its
+    ///   namespace's and those selecting it). This extends istiod's
+    ///   semantics; istiod itself ignores Authorization names (it sends
+    ///   every policy and lists the uid as removed), so the same
+    ///   subscription degrades to "all policies" there.
     ///
     /// In wildcard mode both types are wildcard, as a node ztunnel subscribes.
-    pub fn from_proxy_config(c: &Config) -> XdsConfig {
+    pub fn from_proxy_config(c: &Config, local_ips: &[IpAddr]) -> XdsConfig {
         let pod = &c.pod;
         let node = NodeInfo {
             pod_name: pod.name.clone(),
@@ -28,19 +33,28 @@ impl XdsConfig {
             service_account: pod.service_account.clone(),
             node_name: pod.node_name.clone().unwrap_or_default(),
             cluster_id: pod.cluster_id.clone(),
-            ips: pod.ips.clone(),
+            ips: local_ips.to_vec(),
             extra: Default::default(),
         };
         let mut x = XdsConfig::new(c.xds.address.clone(), c.xds.root_cert.clone(), node);
         x.server_name = c.xds.server_name.clone();
         x.token_file = c.token_file.clone();
+        x.connect_timeout = c.connect_timeout;
+        x.mark = c.mark;
         if c.xds_mode == XdsMode::OnDemand {
-            let uid = own_workload_uid(&pod.cluster_id, &pod.namespace, &pod.name);
             x.addresses = Subscription::OnDemand {
-                initial: vec![uid.clone()],
+                initial: local_ips
+                    .iter()
+                    .map(|ip| NetworkAddr::new(pod.network.clone(), *ip).to_string())
+                    .collect(),
             };
+            let uid = own_workload_uid(&pod.cluster_id, &pod.namespace, &pod.name);
             x.authorizations = Subscription::OnDemand { initial: vec![uid] };
-            x.idle_timeout = Some(super::DEFAULT_IDLE_TIMEOUT);
+            x.idle_timeout = Some(c.xds_idle_timeout);
+            // Validated when the configuration was resolved.
+            if let Err(e) = x.add_prefetch(&c.xds_prefetch, &pod.network) {
+                tracing::warn!(error = %e, "ignoring the xDS prefetch list");
+            }
         }
         x
     }

@@ -9,6 +9,7 @@ mod backoff;
 pub mod crilog;
 pub mod helper;
 pub mod launch;
+mod prefetch;
 mod ready;
 pub mod record;
 mod supervisor;
@@ -42,6 +43,8 @@ pub struct Prepared {
     node: Arc<NodeConfig>,
     ready_timeout: Duration,
     paths: Paths,
+    /// `--xds-prefetch=…` from the pod's annotation, if any.
+    prefetch_arg: Option<String>,
 }
 
 struct Pod {
@@ -99,6 +102,8 @@ impl Sandboxes {
             info!(pod = %pod_name(pod), "pod opted out (sidetunnel.io/inject=false): no proxy");
             return Ok(None);
         }
+        let prefetch_arg = prefetch::proxy_arg(&settings.prefetch)
+            .map_err(|e| Error::InvalidArgument(format!("pod {}: {e}", pod_name(pod))))?;
         let mut redirect = node.redirect.clone();
         redirect.apply_annotations(&pod.annotations).map_err(|e| {
             Error::InvalidArgument(format!(
@@ -117,6 +122,7 @@ impl Sandboxes {
                 .unwrap_or(node.proxy.readiness_timeout),
             node: node.clone(),
             paths,
+            prefetch_arg,
         };
         prepare_dirs(&prepared).map_err(|e| {
             Error::Sandbox(format!(
@@ -339,11 +345,12 @@ fn plan(p: &Prepared, pause_pid: i32) -> std::result::Result<ProxyPlan, String> 
             _ => return None,
         })
     };
-    let args = px
+    let mut args = px
         .args
         .iter()
         .map(|a| expand(a, lookup))
         .collect::<std::result::Result<Vec<_>, _>>()?;
+    args.extend(p.prefetch_arg.clone());
     let mut env: Vec<(String, String)> = vec![(
         "PATH".into(),
         "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),

@@ -2,16 +2,21 @@
 //! root). Seeds are small realistic inputs: meshd inventories, the xDS
 //! resources meshd encodes from them, OCI specs as containerd and CRI-O
 //! write them, certificates with SPIFFE SANs, HBONE headers and HTTP/2
-//! frame sequences. Deterministic except for certificate keys.
+//! frame sequences, meshd tokens (signed with the fixture key, valid for a
+//! century so they keep verifying) and CSRs. Deterministic except for
+//! certificate keys, ECDSA signatures and token times.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use prost::Message;
 use rcgen::{CertificateParams, KeyPair, SanType};
+use sidetunnel_fuzz::{CALLER_SAN, CLUSTER_ID, caller_token};
 use sidetunnel_meshd::generate::{Params, generate};
 use sidetunnel_meshd::inventory::{self, Context};
 use sidetunnel_meshd::snapshot::{Kind, Snapshot, TypeUrl};
 use sidetunnel_proto::envoy::service::discovery::v3::DeltaDiscoveryResponse;
+use sidetunnel_proto::istio::ca::IstioCertificateRequest;
 
 const SMALL_INVENTORY: &str = r#"
 workloads:
@@ -113,6 +118,8 @@ fn main() {
     certificates(&root);
     hbone_request(&root);
     hbone_server(&root);
+    jwt(&root);
+    csr(&root);
 }
 
 fn write(root: &Path, target: &str, name: &str, data: &[u8]) {
@@ -415,5 +422,140 @@ fn hbone_server(root: &Path) {
     ];
     for (name, bytes) in seeds {
         write(root, "hbone_server", name, &bytes);
+    }
+}
+
+/// Bearer metadata (`jwt_token`) and token header/claims JSON (`jwt_claims`).
+fn jwt(root: &Path) {
+    let century = Duration::from_secs(100 * 365 * 86400);
+    let token = caller_token(century);
+    let bearer = [
+        ("bearer", format!("Bearer {token}")),
+        ("bare-token", token.clone()),
+        ("cluster", format!("{CLUSTER_ID}\nbearer  {token} ")),
+        ("other-cluster", format!("other\nBearer {token}")),
+        ("unsigned", {
+            let (head, _) = token.rsplit_once('.').expect("three parts");
+            format!("Bearer {head}.")
+        }),
+        ("basic", "Basic dXNlcjpwYXNz".to_string()),
+    ];
+    for (name, v) in bearer {
+        write(root, "jwt_token", name, v.as_bytes());
+    }
+
+    let far = 4_000_000_000u64;
+    let k8s = format!(
+        r#"{{"iss":"sidetunnel-meshd","sub":"system:serviceaccount:default:sleep","aud":["istio-ca"],"exp":{far},"iat":1700000000,"nbf":1700000000,"kubernetes.io":{{"namespace":"default","serviceaccount":{{"name":"sleep","uid":"1"}},"pod":{{"name":"sleep-1","uid":"2"}}}}}}"#
+    );
+    let sub_only = format!(
+        r#"{{"iss":"x","sub":"system:serviceaccount:ns1:sa1","aud":"istio-ca","exp":{far},"iat":0,"nbf":0}}"#
+    );
+    let expired = r#"{"iss":"x","sub":"system:serviceaccount:a:b","aud":["kubernetes","istio-ca"],"exp":1000,"iat":0,"nbf":0}"#;
+    let future = format!(
+        r#"{{"iss":"x","sub":"system:serviceaccount:a:b","aud":["istio-ca"],"exp":{far},"iat":0,"nbf":{far}}}"#
+    );
+    let claims = [
+        ("k8s", k8s.clone()),
+        ("sub-only", sub_only),
+        ("expired", expired.to_string()),
+        ("not-yet", future),
+        (
+            "with-header",
+            format!(
+                r#"{{"alg":"ES256","typ":"JWT","kid":"abc"}}{}{sub}"#,
+                '\0',
+                sub = k8s
+            ),
+        ),
+        ("alg-none", format!(r#"{{"alg":"none"}}{}{k8s}"#, '\0')),
+    ];
+    for (name, v) in claims {
+        write(root, "jwt_claims", name, v.as_bytes());
+    }
+}
+
+/// CSRs: DER and PEM (`ca_csr`), SAN lists (`ca_csr_sans`) and whole
+/// `IstioCertificateRequest`s (`ca_request`).
+fn csr(root: &Path) {
+    let request = |sans: Vec<SanType>| {
+        let mut p = CertificateParams::new(Vec::<String>::new()).expect("params");
+        p.subject_alt_names = sans;
+        p.serialize_request(&KeyPair::generate().expect("key"))
+            .expect("CSR")
+    };
+    let uri = |u: &str| SanType::URI(u.try_into().expect("ia5"));
+    let caller = request(vec![uri(CALLER_SAN)]);
+    let other = request(vec![uri("spiffe://cluster.local/ns/default/sa/admin")]);
+    let extra = request(vec![
+        uri(CALLER_SAN),
+        SanType::DnsName("sleep.default.svc".try_into().expect("ia5")),
+    ]);
+    let none = request(vec![]);
+    for (name, c) in [
+        ("caller", &caller),
+        ("other", &other),
+        ("extra", &extra),
+        ("none", &none),
+    ] {
+        write(root, "ca_csr", &format!("{name}.der"), c.der());
+        write(
+            root,
+            "ca_csr",
+            &format!("{name}.pem"),
+            c.pem().expect("pem").as_bytes(),
+        );
+    }
+
+    let sans = [
+        ("caller", format!("U{CALLER_SAN}")),
+        (
+            "other",
+            "Uspiffe://cluster.local/ns/default/sa/admin".to_string(),
+        ),
+        (
+            "case",
+            "Uspiffe://cluster.local/ns/default/sa/Sleep".to_string(),
+        ),
+        ("two", format!("U{CALLER_SAN}\nU{CALLER_SAN}")),
+        (
+            "mixed",
+            format!("U{CALLER_SAN}\nDsleep.default.svc\nI10.0.0.9\nEa@b.c"),
+        ),
+        ("ip", "Ifd00::1".to_string()),
+    ];
+    for (name, v) in sans {
+        write(root, "ca_csr_sans", name, v.as_bytes());
+    }
+
+    let impersonate = prost_types::Struct {
+        fields: [(
+            "ImpersonatedIdentity".to_string(),
+            prost_types::Value {
+                kind: Some(prost_types::value::Kind::StringValue(
+                    "spiffe://cluster.local/ns/default/sa/admin".into(),
+                )),
+            },
+        )]
+        .into(),
+    };
+    let requests = [
+        ("caller", caller.pem().expect("pem"), 3600, None),
+        ("caller-no-ttl", caller.pem().expect("pem"), 0, None),
+        (
+            "impersonate",
+            caller.pem().expect("pem"),
+            -5,
+            Some(impersonate),
+        ),
+        ("other", other.pem().expect("pem"), 86400 * 365, None),
+    ];
+    for (name, csr, validity_duration, metadata) in requests {
+        let req = IstioCertificateRequest {
+            csr,
+            validity_duration,
+            metadata,
+        };
+        write(root, "ca_request", name, &req.encode_to_vec());
     }
 }

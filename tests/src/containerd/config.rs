@@ -171,9 +171,10 @@ pub(crate) fn cni_conflist(
 mod tests {
     use super::*;
 
-    #[test]
-    fn renders_runtime_sections() {
-        let params = Params {
+    /// Parameters with test-private paths under `/t` and a sidetunnel
+    /// config, varying only what the tests vary.
+    fn sample_params(crun: Option<PathBuf>, imports: &[PathBuf]) -> Params<'_> {
+        Params {
             root: Path::new("/t/root"),
             state: Path::new("/t/state"),
             socket: Path::new("/t/c.sock"),
@@ -184,9 +185,14 @@ mod tests {
             sandbox_image: "localhost/p:t",
             debug: false,
             sidetunnel_config: Some(Path::new("/t/sidetunnel.toml")),
-            crun: Some(PathBuf::from("/usr/bin/crun")),
-            imports: &[],
-        };
+            crun,
+            imports,
+        }
+    }
+
+    #[test]
+    fn renders_runtime_sections() {
+        let params = sample_params(Some(PathBuf::from("/usr/bin/crun")), &[]);
         let text = render(&params);
         assert!(
             text.contains(r#"runtime_type = "io.containerd.sidetunnel.v1""#),
@@ -212,20 +218,7 @@ mod tests {
     #[test]
     fn imports_leave_the_sidetunnel_runtime_to_the_drop_in() {
         let imports = [PathBuf::from("/etc/containerd/conf.d/*.toml")];
-        let params = Params {
-            root: Path::new("/t/root"),
-            state: Path::new("/t/state"),
-            socket: Path::new("/t/c.sock"),
-            runc_root: Path::new("/t/runc"),
-            cni_conf_dir: Path::new("/t/net.d"),
-            cni_bin_dir: Path::new("/usr/lib/cni"),
-            snapshotter: "overlayfs",
-            sandbox_image: "localhost/p:t",
-            debug: false,
-            sidetunnel_config: Some(Path::new("/t/sidetunnel.toml")),
-            crun: None,
-            imports: &imports,
-        };
+        let params = sample_params(None, &imports);
         let doc: toml::Table = render(&params).parse().expect("rendered config parses");
         assert_eq!(
             doc["imports"].as_array().unwrap()[0].as_str(),

@@ -3,7 +3,6 @@
 //! inventory file, tokens, and the `serve` process (killed on drop).
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader};
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -99,20 +98,15 @@ impl Meshd {
             .spawn()
             .expect("spawn meshd serve");
         let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = BufReader::new(stdout).read_line(&mut line);
-            let _ = tx.send(line);
-        });
-        let line = rx.recv_timeout(WAIT).unwrap_or_default();
-        let Some(addr) = line.trim().strip_prefix("sidetunnel-meshd listening on ") else {
-            let _ = child.kill();
-            let _ = child.wait();
-            let log = std::fs::read_to_string(dir.join("meshd.log")).unwrap_or_default();
-            panic!("meshd did not announce its address (got {line:?}); log:\n{log}");
+        let addr = match sidetunnel_tests::mesh::meshd_listen_addr(stdout, WAIT) {
+            Ok(addr) => addr,
+            Err(line) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                let log = std::fs::read_to_string(dir.join("meshd.log")).unwrap_or_default();
+                panic!("meshd did not announce its address (got {line:?}); log:\n{log}");
+            }
         };
-        let addr = addr.parse().expect("meshd address");
         Meshd { child, addr }
     }
 

@@ -14,13 +14,15 @@ use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use sidetunnel_redirect::RedirectConfig;
 use sidetunnel_tests::netns::NetNs;
+use sidetunnel_tests::topology::{self, MeshdServe};
+pub use sidetunnel_tests::topology::{Proc, http_get_on};
 use sidetunnel_tests::{bins, prereq};
 
 pub const NODE_IP: &str = "10.88.0.1";
@@ -49,8 +51,6 @@ pub const SERVER_NAME: &str = "istiod.istio-system.svc";
 pub const A_ID: &str = "spiffe://cluster.local/ns/ns-a/sa/sa-a";
 pub const B_ID: &str = "spiffe://cluster.local/ns/ns-b/sa/sa-b";
 
-static IF_COUNTER: AtomicU32 = AtomicU32::new(0);
-
 /// The inventory of A, B and B's service (VIP port 80 → 8080), optionally
 /// dual-stack, optionally with a DENY policy for A's principal on B.
 pub fn inventory(deny_a: bool, ipv6: bool) -> String {
@@ -63,29 +63,7 @@ pub fn inventory(deny_a: bool, ipv6: bool) -> String {
     } else {
         (A_IP.to_string(), B_IP.to_string(), VIP.to_string())
     };
-    let mut s = format!(
-        r#"workloads:
-  - name: a
-    namespace: ns-a
-    serviceAccount: sa-a
-    addresses: [{a}]
-    canonicalName: client
-    canonicalRevision: v1
-  - name: b
-    namespace: ns-b
-    serviceAccount: sa-b
-    addresses: [{b}]
-    canonicalName: server
-    canonicalRevision: v2
-    services:
-      ns-b/b.ns-b.svc.cluster.local: {{80: {APP_PORT}}}
-services:
-  - name: b
-    namespace: ns-b
-    vips: [{vips}]
-    ports: {{80: {APP_PORT}}}
-"#
-    );
+    let mut s = topology::inventory_with_addresses(&a, &b, &vips);
     if deny_a {
         s.push_str(DENY_A_POLICY);
     }
@@ -109,60 +87,6 @@ pub fn run_ok(cmd: &mut Command) -> String {
 /// Runs `f` with its sockets inside `ns`.
 pub fn in_ns<T: Send>(ns: &NetNs, f: impl FnOnce() -> T + Send) -> T {
     ns.run(f)
-}
-
-/// A running child process killed on drop; its stderr goes to `log`.
-pub struct Proc {
-    pub child: Child,
-    pub log: PathBuf,
-}
-
-impl Proc {
-    pub fn pid(&self) -> i32 {
-        self.child.id() as i32
-    }
-
-    pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    pub fn log_tail(&self) -> String {
-        let text = self.log_text();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(40)..].join("\n")
-    }
-
-    pub fn signal(&self, sig: nix::sys::signal::Signal) {
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), sig).expect("kill");
-    }
-
-    pub fn sigterm(&self) {
-        self.signal(nix::sys::signal::SIGTERM);
-    }
-
-    /// Waits up to `timeout` for exit; returns the exit code.
-    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return status.code();
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        None
-    }
-
-    /// True while the process has not exited.
-    pub fn running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// How [`Mesh::start_opts`] sets things up.
@@ -262,52 +186,11 @@ impl Mesh {
             return None;
         }
         let dir = tempfile::tempdir().expect("tempdir");
-        let node = NetNs::new("dpn");
-        node.exec_ok(&["ip", "link", "add", "br0", "type", "bridge"]);
-        node.exec_ok(&["ip", "addr", "add", &format!("{NODE_IP}/24"), "dev", "br0"]);
-        if o.ipv6 {
-            node.exec_ok(&[
-                "ip",
-                "-6",
-                "addr",
-                "add",
-                &format!("{NODE_IP6}/64"),
-                "dev",
-                "br0",
-                "nodad",
-            ]);
-        }
-        node.exec_ok(&["ip", "link", "set", "br0", "up"]);
+        let node = topology::bridge_node("dpn", o.ipv6);
         let attach = |prefix: &str, ip: &str, ip6: &str| {
-            let ns = NetNs::new(prefix);
-            let n = IF_COUNTER.fetch_add(1, Ordering::Relaxed);
-            let host_if = format!("dp{}x{n}", std::process::id() % 100_000);
-            run_ok(Command::new("ip").args([
-                "link",
-                "add",
-                &host_if,
-                "netns",
-                node.name(),
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "eth0",
-                "netns",
-                ns.name(),
-            ]));
-            node.exec_ok(&["ip", "link", "set", &host_if, "master", "br0", "up"]);
-            ns.exec_ok(&["ip", "addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
-            if o.ipv6 {
-                let cidr = format!("{ip6}/64");
-                ns.exec_ok(&["ip", "-6", "addr", "add", &cidr, "dev", "eth0", "nodad"]);
-            }
-            ns.exec_ok(&["ip", "link", "set", "eth0", "up"]);
-            ns.exec_ok(&["ip", "route", "add", "default", "via", NODE_IP]);
-            if o.ipv6 {
-                ns.exec_ok(&["ip", "-6", "route", "add", "default", "via", NODE_IP6]);
-            }
-            ns
+            let ip6 = o.ipv6.then(|| ip6.parse().unwrap());
+            topology::attach_pod(&node, prefix, ip.parse().unwrap(), ip6)
+                .unwrap_or_else(|e| panic!("{e:#}"))
         };
         let a = attach("dpa", A_IP, A_IP6);
         let b = attach("dpb", B_IP, B_IP6);
@@ -378,34 +261,15 @@ impl Mesh {
     /// the same state directory, hence the same CA and inventory).
     pub fn start_meshd(&mut self, port: u16) -> SocketAddr {
         let n = self.meshds.len();
-        let log = self.dir.path().join(format!("meshd-{port}-{n}.log"));
-        let dir = self.dir.path();
-        let mut child = self
-            .node
-            .command(meshd_bin().to_str().unwrap())
-            .args(["serve", "--dir", dir.to_str().unwrap()])
-            .args(["--inventory", dir.join("inventory.yaml").to_str().unwrap()])
-            .args(["--listen", &format!("{NODE_IP}:{port}")])
-            .args(["--poll-interval", "100ms"])
-            .args(&self.meshd_args)
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("spawn meshd");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = BufReader::new(stdout).read_line(&mut line);
-            let _ = tx.send(line);
-        });
-        let proc = Proc { child, log };
-        let line = rx.recv_timeout(WAIT).unwrap_or_default();
-        let addr = line
-            .trim()
-            .strip_prefix("sidetunnel-meshd listening on ")
-            .and_then(|a| a.parse().ok())
-            .unwrap_or_else(|| panic!("meshd did not start ({line:?}): {}", proc.log_tail()));
+        let serve = MeshdServe {
+            bin: &meshd_bin(),
+            dir: self.dir.path(),
+            listen: SocketAddr::new(NODE_IP.parse().unwrap(), port),
+            extra_args: &self.meshd_args,
+            log: &self.dir.path().join(format!("meshd-{port}-{n}.log")),
+        };
+        let (proc, addr) =
+            topology::spawn_meshd(&self.node, &serve).unwrap_or_else(|e| panic!("{e:#}"));
         self.meshds.push(proc);
         addr
     }
@@ -515,10 +379,10 @@ impl Mesh {
         let mut s: String = self
             .proxies
             .iter()
-            .map(|(n, p)| format!("--- proxy {n} log tail ---\n{}\n", p.log_tail()))
+            .map(|(n, p)| format!("--- proxy {n} log tail ---\n{}\n", p.log_tail(40)))
             .collect();
         for m in &self.meshds {
-            s.push_str(&format!("--- meshd log tail ---\n{}\n", m.log_tail()));
+            s.push_str(&format!("--- meshd log tail ---\n{}\n", m.log_tail(40)));
         }
         s
     }
@@ -563,6 +427,22 @@ impl Mesh {
         body
     }
 
+    /// Polls pod `name`'s metrics until `metric`, summed over the series
+    /// carrying every pair in `labels` (see [`sample`]), reaches `at_least`;
+    /// that sum. `at_least` 0 waits for the series to exist.
+    pub fn eventually_counted(
+        &self,
+        name: &str,
+        metric: &str,
+        labels: &[(&str, &str)],
+        at_least: f64,
+    ) -> f64 {
+        let what = format!("{metric} {labels:?} >= {at_least} on {name}");
+        eventually(&what, || {
+            sample(&self.metrics(name), metric, labels).filter(|v| *v >= at_least)
+        })
+    }
+
     /// GET on pod `name`'s admin socket; the body.
     pub fn admin(&self, name: &str, path: &str) -> String {
         let mut s = UnixStream::connect(self.admin_path(name)).expect("admin socket");
@@ -589,6 +469,23 @@ impl Mesh {
         }
     }
 
+    /// Connects from `from` to `dst` and reads the app's greeting (see
+    /// [`start_echo`]), which must name `source_ip` as the client's address:
+    /// the path kept the original source. The connection, for more traffic.
+    pub fn connect_expecting_source(&self, from: &NetNs, dst: &str, source_ip: &str) -> TcpStream {
+        let mut c = connect_from(from, dst).unwrap_or_else(|e| panic!("connect to {dst}: {e}"));
+        let peer =
+            greeting(&mut c).unwrap_or_else(|| panic!("no greeting via {dst}\n{}", self.logs()));
+        let want: std::net::IpAddr = source_ip.parse().expect("source IP");
+        let seen = peer.parse::<SocketAddr>().map(|a| a.ip()).ok();
+        assert_eq!(
+            seen,
+            Some(want),
+            "the app behind {dst} saw {peer}, not {source_ip}"
+        );
+        c
+    }
+
     pub fn set_inventory(&self, yaml: &str) {
         write_atomic(&self.dir.path().join("inventory.yaml"), yaml);
     }
@@ -602,20 +499,6 @@ pub fn write_atomic(path: &Path, text: &str) {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, text).expect("write");
     std::fs::rename(&tmp, path).expect("rename");
-}
-
-pub fn http_get_on(s: &mut TcpStream, path: &str) -> std::io::Result<(u16, String)> {
-    s.set_read_timeout(Some(IO_TIMEOUT))?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n")?;
-    let mut out = String::new();
-    s.read_to_string(&mut out)?;
-    let code = out.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
-    Ok((
-        code,
-        out.split_once("\r\n\r\n")
-            .map(|x| x.1.to_string())
-            .unwrap_or_default(),
-    ))
 }
 
 /// An app: for each connection, first writes `peer=<client addr>\n`, then

@@ -14,10 +14,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use sidetunnel_meshd::inventory::model::{Inventory, Workload};
-use sidetunnel_tests::containerd::{self, Containerd, Options, SIDETUNNEL};
+use sidetunnel_tests::containerd::{Containerd, Options, SIDETUNNEL};
 use sidetunnel_tests::cri::{ContainerSpec, Cri, Pod, PodConfig};
 use sidetunnel_tests::mesh::{self, MeshNode, NodeConfigParams, metrics};
-use sidetunnel_tests::{bins, image, prereq};
+use sidetunnel_tests::{bins, image};
 
 pub const PROXY_UID: u32 = 15000;
 pub const SHIM: &str = "containerd-shim-sidetunnel-v1";
@@ -29,13 +29,34 @@ pub const WAIT: Duration = Duration::from_secs(60);
 /// CapEff of the proxy: CAP_NET_ADMIN (12) and CAP_NET_RAW (13) only.
 pub const PROXY_CAPS: u64 = (1 << 12) | (1 << 13);
 
-pub fn prerequisites(test: &str) -> bool {
-    prereq::root(test)
-        && prereq::binary(test, containerd::CONTAINERD)
-        && prereq::binary(test, "runc")
-        && prereq::binary(test, "nft")
-        && prereq::binary(test, image::BUSYBOX_BIN)
-        && prereq::binary(test, &format!("{}/bridge", containerd::CNI_BIN_DIR))
+pub use mesh::node_prerequisites as prerequisites;
+
+/// Bound on one containerd-level test, set-up and teardown included.
+pub const TEST_LIMIT: Duration = Duration::from_secs(600);
+
+/// The frame of a containerd-level test: skips (printing why) when a
+/// prerequisite is missing, runs `body` on a fresh [`Cluster`] within
+/// [`TEST_LIMIT`], prints containerd's and meshd's log tails if it fails,
+/// and shuts the cluster down.
+pub async fn run_on_cluster(
+    test: &str,
+    body: impl AsyncFnOnce(&mut Cluster) -> Result<()>,
+) -> Result<()> {
+    if !prerequisites(test) {
+        return Ok(());
+    }
+    let run = async {
+        let mut c = Cluster::start("").await?;
+        let res = body(&mut c).await;
+        if res.is_err() {
+            c.dump_logs();
+        }
+        res?;
+        c.shutdown().await
+    };
+    tokio::time::timeout(TEST_LIMIT, run)
+        .await
+        .with_context(|| format!("{test} test exceeded {TEST_LIMIT:?}"))?
 }
 
 /// A harness containerd plus the mesh its `sidetunnel` pods join. Field

@@ -51,6 +51,29 @@ pub struct Args {
     /// Use the binaries in this directory instead of building release ones.
     #[arg(long)]
     bin_dir: Option<PathBuf>,
+    /// Run only these workloads (comma-separated; default: all), e.g.
+    /// `--only bulk1,rr,cpr` for a quick A/B comparison of two builds.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<Workload>,
+}
+
+/// The load rounds' workloads (memory and start-up measures always run).
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Workload {
+    /// Bulk, single stream.
+    Bulk1,
+    /// Bulk, 10 streams.
+    Bulk10,
+    /// Bulk, 100 streams.
+    Bulk100,
+    /// iperf3 single stream.
+    Iperf3,
+    /// 1 KiB request/response, persistent connection, closed loop.
+    Rr,
+    /// 1 KiB request/response at 1000 req/s.
+    Paced,
+    /// 1 KiB, new connection per request.
+    Cpr,
 }
 
 /// What one bench run does.
@@ -63,6 +86,15 @@ pub struct Plan {
     pub proxy_args: Vec<String>,
     /// Where to keep the proxies' and meshd's logs afterwards.
     pub logs: Option<PathBuf>,
+    /// Workloads to run; empty = all.
+    pub only: Vec<Workload>,
+}
+
+impl Plan {
+    /// Whether `w` is part of this run.
+    pub fn runs_workload(&self, w: Workload) -> bool {
+        self.only.is_empty() || self.only.contains(&w)
+    }
 }
 
 impl Plan {
@@ -74,6 +106,7 @@ impl Plan {
             quick: true,
             proxy_args: Vec::new(),
             logs: None,
+            only: Vec::new(),
         }
     }
 }
@@ -89,11 +122,13 @@ pub fn run(args: &Args) -> Result<()> {
         quick: false,
         proxy_args: args.proxy_args.clone(),
         logs: Some(crate::bench::target_dir().join("bench/dataplane-logs")),
+        only: args.only.clone(),
     };
     if args.quick {
         plan = Plan {
             proxy_args: plan.proxy_args,
             logs: plan.logs,
+            only: plan.only,
             ..Plan::quick()
         };
     }
@@ -192,6 +227,7 @@ pub fn bench(plan: &Plan, bin_dir: &Path) -> Result<Report> {
         "bulk_secs": plan.bulk.as_secs_f64(),
         "latency_secs": plan.latency.as_secs_f64(),
         "proxy_args": plan.proxy_args,
+        "only": plan.only.iter().map(|w| format!("{w:?}").to_lowercase()).collect::<Vec<_>>(),
         "iperf3": iperf3,
         "nproc": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease")
@@ -221,6 +257,19 @@ mod tests {
     use super::*;
     use sidetunnel_tests::{bins, prereq};
 
+    #[test]
+    fn only_selects_workloads() {
+        let all = Plan::quick();
+        assert!(all.runs_workload(Workload::Cpr) && all.runs_workload(Workload::Bulk100));
+        let some = Plan {
+            only: vec![Workload::Bulk1, Workload::Rr],
+            ..Plan::quick()
+        };
+        assert!(some.runs_workload(Workload::Rr));
+        assert!(!some.runs_workload(Workload::Cpr));
+        assert!(!some.runs_workload(Workload::Bulk10));
+    }
+
     /// The CI smoke run: the quick bench with the debug binaries produces
     /// the table and a JSON line whose measures are all present and
     /// non-zero. No thresholds: timing belongs to the full bench.
@@ -244,6 +293,8 @@ mod tests {
             "CPU per GB",
             "persistent connection, p99",
             "new connection per request (warm HBONE pool), p50",
+            "proxy CPU per request",
+            "proxy CPU per new connection",
             "per 1000 req/s",
             "RSS idle",
             "start → ready",

@@ -12,7 +12,7 @@ use sidetunnel_tests::load::{self, Latencies, Server};
 use sidetunnel_tests::topology::{APP_PORT, B_IP, PROXY_MARK, Pod, PodPair};
 use sidetunnel_tests::{cmd, prereq, procstat};
 
-use super::{Plan, Samples};
+use super::{Plan, Samples, Workload};
 
 const MESH_SINK: u16 = APP_PORT;
 const MESH_ECHO: u16 = 8081;
@@ -23,11 +23,11 @@ const DIRECT_ECHO: u16 = 9081;
 pub const IPERF_DIRECT_PORT: u16 = 9201;
 /// Ports B's ruleset leaves alone: the direct path's servers.
 pub const DIRECT_PORTS: [u16; 3] = [DIRECT_SINK, DIRECT_ECHO, IPERF_DIRECT_PORT];
-/// Concurrent bulk streams and the measure each one feeds.
-pub const STREAMS: [(usize, &str); 3] = [
-    (1, "bulk_1_gbps"),
-    (10, "bulk_10_gbps"),
-    (100, "bulk_100_gbps"),
+/// Concurrent bulk streams, the measure each one feeds, and its workload.
+pub const STREAMS: [(usize, &str, Workload); 3] = [
+    (1, "bulk_1_gbps", Workload::Bulk1),
+    (10, "bulk_10_gbps", Workload::Bulk10),
+    (100, "bulk_100_gbps", Workload::Bulk100),
 ];
 const REQUEST: usize = 1024;
 /// Request rate of the paced run (istio.io reports cost per 1000 req/s).
@@ -236,24 +236,33 @@ impl<'p> Bench<'p> {
 
     /// Every workload once per route, in `order`.
     pub fn round(&mut self, order: [Route; 2], samples: &mut Samples) -> Result<()> {
-        for (n, key) in STREAMS {
-            for route in order {
-                self.bulk(route, n, key, samples)?;
+        let plan = self.plan;
+        for (n, key, w) in STREAMS {
+            if plan.runs_workload(w) {
+                for route in order {
+                    self.bulk(route, n, key, samples)?;
+                }
             }
         }
-        if self.has_iperf3() {
+        if self.has_iperf3() && plan.runs_workload(Workload::Iperf3) {
             for route in order {
                 self.iperf3(route, samples)?;
             }
         }
-        for route in order {
-            self.request_response(route, samples)?;
+        if plan.runs_workload(Workload::Rr) {
+            for route in order {
+                self.request_response(route, samples)?;
+            }
         }
-        for route in order {
-            self.paced(route, samples)?;
+        if plan.runs_workload(Workload::Paced) {
+            for route in order {
+                self.paced(route, samples)?;
+            }
         }
-        for route in order {
-            self.connection_per_request(route, samples)?;
+        if plan.runs_workload(Workload::Cpr) {
+            for route in order {
+                self.connection_per_request(route, samples)?;
+            }
         }
         Ok(())
     }
@@ -302,9 +311,12 @@ impl<'p> Bench<'p> {
     fn request_response(&mut self, route: Route, s: &mut Samples) -> Result<()> {
         let mut c = self.connect(route, route.echo())?;
         let d = self.plan.latency;
-        let (l, _) = self.measured(|_| Ok(load::request_response(&mut c, REQUEST, d, None)?))?;
+        let (l, cost) = self.measured(|_| Ok(load::request_response(&mut c, REQUEST, d, None)?))?;
         push_latency(s, route, &l, ["rr_p50_us", "rr_p90_us", "rr_p99_us"]);
         s.entry("rr_per_s").or_default().push(route, l.rate());
+        if route == Route::Mesh {
+            push_cpu_per_op(s, &cost, l.samples_ns.len(), ["rr_cpu_us_a", "rr_cpu_us_b"]);
+        }
         Ok(())
     }
 
@@ -340,13 +352,21 @@ impl<'p> Bench<'p> {
 
     fn connection_per_request(&mut self, route: Route, s: &mut Samples) -> Result<()> {
         let (dst, mark, d) = (route.echo(), route.mark(), self.plan.latency);
-        let (l, _) = self.measured(|b| {
+        let (l, cost) = self.measured(|b| {
             Ok(b.pair
                 .ns(Pod::A)
                 .run(|| load::connection_per_request(|| load::connect(dst, mark), REQUEST, d))?)
         })?;
         push_latency(s, route, &l, ["cpr_p50_us", "cpr_p90_us", "cpr_p99_us"]);
         s.entry("cpr_per_s").or_default().push(route, l.rate());
+        if route == Route::Mesh {
+            push_cpu_per_op(
+                s,
+                &cost,
+                l.samples_ns.len(),
+                ["cpr_cpu_us_a", "cpr_cpu_us_b"],
+            );
+        }
         Ok(())
     }
 
@@ -426,6 +446,20 @@ impl<'p> Bench<'p> {
 fn push_latency(s: &mut Samples, route: Route, l: &Latencies, keys: [&'static str; 3]) {
     for (q, k) in [0.5, 0.9, 0.99].into_iter().zip(keys) {
         s.entry(k).or_default().push(route, l.quantile_us(q));
+    }
+}
+
+/// The proxies' CPU microseconds per operation (request or connection):
+/// unlike latency, barely moved by other load on the machine, so the
+/// figure to compare builds by.
+fn push_cpu_per_op(s: &mut Samples, cost: &Cost, ops: usize, keys: [&'static str; 2]) {
+    if ops == 0 {
+        return;
+    }
+    for (cpu, k) in cost.cpu.iter().zip(keys) {
+        s.entry(k)
+            .or_default()
+            .push(Route::Mesh, cpu * 1e6 / ops as f64);
     }
 }
 

@@ -1,13 +1,16 @@
 //! `cargo xtask bench xds` (issue 6): builds release binaries, generates the
 //! study's three scenarios, serves each with a real `sidetunnel-meshd`,
 //! measures real xDS clients (netproxy's `xds_probe` example: one process
-//! per client, wildcard and scoped with 1/10/50 destinations), times decode
+//! per client, wildcard and scoped with 1/10/50 destinations) and the real
+//! `sidetunnel-proxy`'s memory after sync (`proxy`, as root), times decode
 //! and apply on one core, applies the per-object cost model for cluster
-//! totals, and prints per scenario a Markdown table in the study's shape
-//! plus one JSON line (also written to `target/bench/xds.json`).
+//! totals and the spread over all pods, and prints per scenario a Markdown
+//! table in the study's shape plus one JSON line (also written to
+//! `target/bench/xds.json`).
+
+mod proxy;
 
 use std::fmt::Write as _;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -46,6 +49,8 @@ pub fn run(task: BenchTask) -> Result<()> {
 struct Paths {
     meshd: PathBuf,
     probe: PathBuf,
+    /// `None` when the proxy cannot run here (the reason is printed).
+    proxy: Option<PathBuf>,
     work: PathBuf,
 }
 
@@ -61,8 +66,21 @@ fn xds(names: &[String], ks: &[usize]) -> Result<()> {
         .iter()
         .map(|n| Scenario::by_name(n).with_context(|| format!("unknown scenario {n:?} (A, B, C)")))
         .collect::<Result<Vec<_>>>()?;
-    crate::step("building release binaries (sidetunnel-meshd, xds_probe)");
+    crate::step("building release binaries (sidetunnel-meshd, sidetunnel-proxy, xds_probe)");
     crate::cargo(&["build", "--release", "-p", "sidetunnel-meshd", "--bins"])?;
+    let proxy_missing = proxy::unavailable();
+    if let Some(why) = proxy_missing {
+        eprintln!("(not measuring sidetunnel-proxy's memory: {why})");
+    } else {
+        crate::cargo(&[
+            "build",
+            "--release",
+            "-p",
+            "netproxy",
+            "--bin",
+            "sidetunnel-proxy",
+        ])?;
+    }
     crate::cargo(&[
         "build",
         "--release",
@@ -75,6 +93,9 @@ fn xds(names: &[String], ks: &[usize]) -> Result<()> {
     let paths = Paths {
         meshd: target.join("release/sidetunnel-meshd"),
         probe: target.join("release/examples/xds_probe"),
+        proxy: proxy_missing
+            .is_none()
+            .then(|| target.join("release/sidetunnel-proxy")),
         work: target.join("bench/xds"),
     };
     let mut results = Vec::new();
@@ -140,8 +161,6 @@ fn scenario(p: &Paths, sc: &Scenario, ks: &[usize]) -> Result<Value> {
     ]))?;
     std::fs::write(&inventory, yaml)?;
     let inv = inventory.to_string_lossy().to_string();
-    // A pod in the middle of the list: an ordinary application pod.
-    let pod = (sc.pods / 2).to_string();
 
     let ks_arg = ks
         .iter()
@@ -152,8 +171,9 @@ fn scenario(p: &Paths, sc: &Scenario, ks: &[usize]) -> Result<Value> {
         "model",
         "--inventory",
         &inv,
+        // The pod whose scoped config (10 destinations) is the median.
         "--pod",
-        &pod,
+        "median",
         "--k",
         &ks_arg,
         "--cluster-k",
@@ -191,7 +211,16 @@ fn scenario(p: &Paths, sc: &Scenario, ks: &[usize]) -> Result<Value> {
     let token_file = dir.join("token");
     std::fs::write(&token_file, token.trim())?;
 
-    let meshd = Meshd::start(&p.meshd, &state, &inventory, &dir.join("meshd.log"))?;
+    let mut serve = Command::new(&p.meshd);
+    serve
+        .arg("serve")
+        .arg("--dir")
+        .arg(&state)
+        .arg("--inventory")
+        .arg(&inventory)
+        .args(["--listen", "127.0.0.1:0"])
+        .env("RUST_LOG", "warn");
+    let meshd = Meshd::start(serve, &dir.join("meshd.log"))?;
     let url = format!("https://{}", meshd.addr);
     let sync = |mode: &str, dests: &[String]| -> Result<Value> {
         let mut c = Command::new(&p.probe);
@@ -211,6 +240,7 @@ fn scenario(p: &Paths, sc: &Scenario, ks: &[usize]) -> Result<Value> {
     let mut wildcard = sync("wildcard", &[])?;
     strip_lists(&mut wildcard);
     let mut scoped = Vec::new();
+    let mut proxy_scoped = None;
     for m in model["scoped"].as_array_mut().into_iter().flatten() {
         let dests: Vec<String> = serde_json::from_value(m["dests"].clone())?;
         let mut s = sync("scoped", &dests)?;
@@ -226,12 +256,46 @@ fn scenario(p: &Paths, sc: &Scenario, ks: &[usize]) -> Result<Value> {
             );
         }
         s["model_bytes"] = m["bytes"].clone();
+        if m["k"] == json!(CLUSTER_K) {
+            proxy_scoped = Some(proxy::Want::Scoped {
+                dests,
+                addresses: serde_json::from_value(m["addresses"].clone())?,
+                policies: serde_json::from_value(m["policies"].clone())?,
+            });
+        }
         strip_lists(&mut s);
         strip_lists(m);
         scoped.push(s);
     }
     drop(meshd);
     let apply = probe(Command::new(&p.probe).args(["apply", "--inventory", &inv]))?;
+    let mut proxies = Vec::new();
+    if let Some(bin) = &p.proxy {
+        let setup = proxy::Setup {
+            proxy: bin,
+            meshd: &p.meshd,
+            state: &state,
+            inventory: &inventory,
+            token: &token_file,
+            dir: &dir,
+        };
+        let pod = proxy::Pod {
+            name: name.clone(),
+            namespace: ns.clone(),
+            service_account: sa.clone(),
+            node: field("node")?,
+            ips: serde_json::from_value(who["ips"].clone())?,
+        };
+        let full = &model["counts"];
+        let wildcard = proxy::Want::Wildcard {
+            workloads: num(&full["workloads"], "workloads")? as usize,
+            services: num(&full["services"], "services")? as usize,
+        };
+        proxies.push(proxy::measure(&setup, &pod, &wildcard, "wildcard")?);
+        if let Some(want) = &proxy_scoped {
+            proxies.push(proxy::measure(&setup, &pod, want, "scoped")?);
+        }
+    }
     let study = scale::study(sc.name).context("study row")?;
     Ok(json!({
         "scenario": sc.name,
@@ -242,6 +306,7 @@ fn scenario(p: &Paths, sc: &Scenario, ks: &[usize]) -> Result<Value> {
         "scoped": scoped,
         "model": model,
         "apply": apply,
+        "proxy": proxies,
     }))
 }
 
@@ -291,39 +356,28 @@ struct Meshd {
 }
 
 impl Meshd {
-    fn start(bin: &Path, state: &Path, inventory: &Path, log: &Path) -> Result<Meshd> {
-        let mut child = Command::new(bin)
-            .arg("serve")
-            .arg("--dir")
-            .arg(state)
-            .arg("--inventory")
-            .arg(inventory)
-            .args(["--listen", "127.0.0.1:0"])
-            .env("RUST_LOG", "warn")
+    /// Starts `serve` (a `sidetunnel-meshd serve --listen 127.0.0.1:0`
+    /// command) and waits for the address it announces.
+    fn start(mut serve: Command, log: &Path) -> Result<Meshd> {
+        let mut child = serve
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(log)?)
             .spawn()
-            .with_context(|| format!("starting {}", bin.display()))?;
+            .with_context(|| format!("starting {serve:?}"))?;
         let stdout = child.stdout.take().context("meshd stdout")?;
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = BufReader::new(stdout).read_line(&mut line);
-            let _ = tx.send(line);
-        });
-        let line = rx.recv_timeout(ANNOUNCE_TIMEOUT).unwrap_or_default();
+        let announced = sidetunnel_tests::mesh::meshd_listen_addr(stdout, ANNOUNCE_TIMEOUT);
         let mut meshd = Meshd {
             child,
             addr: String::new(),
         };
-        match line.trim().strip_prefix("sidetunnel-meshd listening on ") {
-            Some(a) => {
+        match announced {
+            Ok(a) => {
                 meshd.addr = a.to_string();
                 Ok(meshd)
             }
             // Dropping `meshd` stops the process.
-            None => bail!(
+            Err(line) => bail!(
                 "sidetunnel-meshd did not start (stdout {line:?}); see {}",
                 log.display()
             ),
@@ -407,6 +461,7 @@ fn markdown(sc: &Scenario, r: &Value) -> Result<String> {
         )?);
     }
     md.push_str("\n(sidetunnel totals include the Authorization resources; WDS = Address.)\n\n");
+    md.push_str(&spread_table(r, sc.pods)?);
 
     let full = num(&w["address_bytes"], "address_bytes")?;
     let scoped10 = r["scoped"]
@@ -421,8 +476,26 @@ fn markdown(sc: &Scenario, r: &Value) -> Result<String> {
     if let Some(s) = scoped10 {
         let b = num(&s["bytes"], "bytes")?;
         line(
-            "scoped config (pod → 10 services) / full WDS",
+            "scoped config (pod → 10 services) / full WDS, bench pod",
             format!("{:.2} % ({} / {})", 100.0 * b / full, bytes(b), bytes(full)),
+        )?;
+    }
+    let mean = r["model"]["spread"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|s| s["k"] == json!(CLUSTER_K))
+        .map(|s| num(&s["mean"], "mean"))
+        .transpose()?;
+    if let Some(mean) = mean {
+        line(
+            "scoped config (pod → 10 services) / full WDS, mean over all pods",
+            format!(
+                "{:.2} % ({} / {})",
+                100.0 * mean / full,
+                bytes(mean),
+                bytes(full)
+            ),
         )?;
     }
     line(
@@ -442,9 +515,30 @@ fn markdown(sc: &Scenario, r: &Value) -> Result<String> {
             num(&v["rss_file_kb"], "rss")? / 1024.0,
         ))
     };
-    line("proxy RSS after sync, full config", rss(w)?)?;
+    line("xds_probe RSS after sync, full config", rss(w)?)?;
     if let Some(s) = scoped10 {
-        line("proxy RSS after sync, scoped (10 services)", rss(s)?)?;
+        line("xds_probe RSS after sync, scoped (10 services)", rss(s)?)?;
+    }
+    for p in r["proxy"].as_array().into_iter().flatten() {
+        let what = if p["mode"] == json!("wildcard") {
+            "full config (wildcard)".to_string()
+        } else {
+            format!("scoped, on-demand ({} services prefetched)", p["k"])
+        };
+        line(
+            &format!("sidetunnel-proxy (release) RSS after sync, {what}"),
+            format!(
+                "{:.1} MB: RssAnon {:.2} MB, RssFile {:.2} MB ({} threads; received {}: {} workloads, {} services, {} policies)",
+                num(&p["rss_kb"], "rss")? / 1024.0,
+                num(&p["rss_anon_kb"], "rss")? / 1024.0,
+                num(&p["rss_file_kb"], "rss")? / 1024.0,
+                p["threads"],
+                bytes(num(&p["bytes"], "bytes")?),
+                p["workloads"],
+                p["services"],
+                p["policies"],
+            ),
+        )?;
     }
     line(
         "cluster: one full sync of all pods, Envoy sidecar (study)",
@@ -476,6 +570,45 @@ fn markdown(sc: &Scenario, r: &Value) -> Result<String> {
             sc.pods
         ),
     )?;
+    Ok(md)
+}
+
+/// How scoped bytes spread over all pods (the model's `spread`), with the
+/// bench pod's own bytes and rank.
+fn spread_table(r: &Value, pods: usize) -> Result<String> {
+    let mut md = String::new();
+    let pod = &r["model"]["pod"]["index"];
+    writeln!(
+        md,
+        "| scoped config over all {pods} pods | bench pod (no. {pod}) | rank | min | p10 | median | mean | p90 | max |"
+    )?;
+    md.push_str("| --- | --- | --- | --- | --- | --- | --- | --- | --- |\n");
+    for s in r["model"]["spread"].as_array().into_iter().flatten() {
+        let Some(mine) = r["model"]["scoped"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|m| m["k"] == s["k"])
+        else {
+            continue;
+        };
+        let b = |k: &str| -> Result<String> { Ok(bytes(num(&s[k], k)?)) };
+        writeln!(
+            md,
+            "| pod → {} service{} | {} | {} of {pods} below | {} | {} | {} | {} | {} | {} |",
+            s["k"],
+            if s["k"] == json!(1) { "" } else { "s" },
+            bytes(num(&mine["bytes"], "bytes")?),
+            mine["pods_below"],
+            b("min")?,
+            b("p10")?,
+            b("median")?,
+            b("mean")?,
+            b("p90")?,
+            b("max")?,
+        )?;
+    }
+    md.push('\n');
     Ok(md)
 }
 
