@@ -10,17 +10,16 @@
 
 mod shim_support;
 
-use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail, ensure};
 use shim_support::{
-    APP_PORT, Cluster, MeshPod, WAIT, counting_server, idle_client, metrics_via, mtls_opened,
-    netns_of, request, server_counts,
+    APP_PORT, Cluster, Pair, WAIT, idle_client, metrics_via, mtls_opened, netns_of, request,
+    server_counts,
 };
 use sidetunnel_tests::cri::api::ContainerState;
-use sidetunnel_tests::cri::{Container, ContainerSpec, Cri};
+use sidetunnel_tests::cri::{ContainerSpec, Cri};
 use sidetunnel_tests::image;
 
 const TEST: &str = "shim_faults";
@@ -89,19 +88,6 @@ async fn control_plane_down_at_pod_start(c: &mut Cluster, cri: &mut Cri) -> Resu
     c.assert_gone(pod.id(), &netns, &[&app.id]).await
 }
 
-struct Pair {
-    server: MeshPod,
-    client: MeshPod,
-    server_app: Container,
-    client_app: Container,
-}
-
-impl Pair {
-    fn target(&self) -> SocketAddr {
-        SocketAddr::new(self.server.ip, APP_PORT)
-    }
-}
-
 async fn mesh_pair(c: &Cluster, cri: &mut Cri) -> Result<Pair> {
     let server = c
         .run_pod(cri, &c.pod_config("server", NS), "server")
@@ -110,15 +96,7 @@ async fn mesh_pair(c: &Cluster, cri: &mut Cri) -> Result<Pair> {
         .run_pod(cri, &c.pod_config("client", NS), "client")
         .await?;
     c.publish(&[&server, &client]).await?;
-    let server_app = cri.run_container(&server.pod, &counting_server()).await?;
-    let client_app = cri.run_container(&client.pod, &idle_client()).await?;
-    server_app.wait_log("listening", WAIT).await?;
-    let pair = Pair {
-        server,
-        client,
-        server_app,
-        client_app,
-    };
+    let pair = Pair::start_apps(cri, server, client).await?;
     request(cri, &pair.client_app.id, pair.target(), "first")
         .await?
         .map_err(|e| anyhow::anyhow!("client → server: {e}"))?;

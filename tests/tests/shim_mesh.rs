@@ -15,11 +15,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use shim_support::{
-    APP_PORT, Cluster, MeshPod, READINESS_PORT, WAIT, check_proxy_process, counting_server,
-    idle_client, listen_in_netns, metrics_via, mtls_opened, netns_of, request, server_counts,
+    APP_PORT, Cluster, MeshPod, Pair, READINESS_PORT, WAIT, check_proxy_process, counting_server,
+    listen_in_netns, metrics_via, mtls_opened, netns_of, request, server_counts,
 };
 use sidetunnel_tests::containerd::{RUNC, SIDETUNNEL};
-use sidetunnel_tests::cri::{Container, ContainerSpec, Cri, median};
+use sidetunnel_tests::cri::{ContainerSpec, Cri, median};
 use sidetunnel_tests::image;
 use sidetunnel_tests::mesh::{admin_get, admin_socket, metrics};
 
@@ -35,20 +35,6 @@ async fn two_sidetunnel_pods_talk_over_mtls_and_fail_closed() -> Result<()> {
         timed_pods(c, &mut cri).await
     })
     .await
-}
-
-/// The mesh pair plus what each phase needs of it.
-struct Pair {
-    server: MeshPod,
-    client: MeshPod,
-    server_app: Container,
-    client_app: Container,
-}
-
-impl Pair {
-    fn target(&self) -> SocketAddr {
-        SocketAddr::new(self.server.ip, APP_PORT)
-    }
 }
 
 async fn mesh_pods(c: &Cluster, cri: &mut Cri) -> Result<()> {
@@ -81,15 +67,7 @@ async fn mesh_pods(c: &Cluster, cri: &mut Cri) -> Result<()> {
     }
     c.publish(&[&server, &client]).await?;
     prefetched_before_traffic(c, &server, &client).await?;
-    let server_app = cri.run_container(&server.pod, &counting_server()).await?;
-    let client_app = cri.run_container(&client.pod, &idle_client()).await?;
-    server_app.wait_log("listening", WAIT).await?;
-    let pair = Pair {
-        server,
-        client,
-        server_app,
-        client_app,
-    };
+    let pair = Pair::start_apps(cri, server, client).await?;
 
     mtls_between_the_pods(cri, &pair).await?;
     apps_cannot_reach_proxy_state(c, cri, &pair).await?;

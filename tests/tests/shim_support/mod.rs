@@ -487,3 +487,31 @@ pub fn mtls_opened(samples: &[metrics::Sample], reporter: &str, src: &str, dst: 
         ],
     )
 }
+
+/// A server and a client mesh pod with their apps: a counting server on
+/// [`APP_PORT`] and an idle client to run requests from.
+pub struct Pair {
+    pub server: MeshPod,
+    pub client: MeshPod,
+    pub server_app: sidetunnel_tests::cri::Container,
+    pub client_app: sidetunnel_tests::cri::Container,
+}
+
+impl Pair {
+    /// Starts both apps and waits until the server listens.
+    pub async fn start_apps(cri: &mut Cri, server: MeshPod, client: MeshPod) -> Result<Pair> {
+        let server_app = cri.run_container(&server.pod, &counting_server()).await?;
+        let client_app = cri.run_container(&client.pod, &idle_client()).await?;
+        server_app.wait_log("listening", WAIT).await?;
+        Ok(Pair {
+            server,
+            client,
+            server_app,
+            client_app,
+        })
+    }
+
+    pub fn target(&self) -> SocketAddr {
+        SocketAddr::new(self.server.ip, APP_PORT)
+    }
+}
