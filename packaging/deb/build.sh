@@ -2,7 +2,8 @@
 # Builds the sidetunnel Debian package from already built binaries with
 # dpkg-deb (no cargo-deb needed).
 #
-#   packaging/deb/build.sh --bin-dir target/release --out-dir dist [--version V] [--arch A]
+#   cargo xtask dist   # the shipped (static) binaries, in target/<host triple>/release
+#   packaging/deb/build.sh --bin-dir target/x86_64-unknown-linux-gnu/release --out-dir dist [--version V] [--arch A]
 #                          [--compression xz|gzip|zstd|none]
 #
 # Contents:

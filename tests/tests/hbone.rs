@@ -316,6 +316,68 @@ async fn round_trip(pool: &Pool, server: SocketAddr, dest: SocketAddr, data: &[u
     back
 }
 
+/// A bare HTTP/2 server that answers a CONNECT with 200 only once the
+/// stream's first DATA has arrived, then echoes that DATA and ends the
+/// stream: a client that waits for the 200 before sending never gets it.
+async fn start_answer_after_data(certs: CertificateManager) -> SocketAddr {
+    let acceptor = HboneAcceptor::new(certs, vec![]).unwrap();
+    serve_loopback(move |tcp| {
+        let acceptor = acceptor.clone();
+        async move {
+            let Ok((tls, _)) = acceptor.accept(tcp).await else {
+                return;
+            };
+            let mut conn = h2::server::handshake(tls).await.unwrap();
+            while let Some(Ok((req, mut respond))) = conn.accept().await {
+                tokio::spawn(async move {
+                    let mut body = req.into_body();
+                    let Some(Ok(first)) = body.data().await else {
+                        return;
+                    };
+                    let _ = body.flow_control().release_capacity(first.len());
+                    let mut send = respond
+                        .send_response(http::Response::new(()), false)
+                        .unwrap();
+                    send.send_data(first, true).unwrap();
+                });
+            }
+        }
+    })
+    .await
+}
+
+/// The outbound proxy's new-connection fast path: bytes the app wrote
+/// before the tunnel exists leave with the CONNECT headers, not a round
+/// trip later.
+#[tokio::test]
+async fn first_data_travels_with_the_connect_headers() {
+    within(T, async {
+        let ca = TestCa::new("cluster.local");
+        let server = start_answer_after_data(ca.manager(SERVER)).await;
+        let pool = pool(ca.manager(CLIENT), H2Config::default());
+        let req = ConnectRequest::new("127.0.0.1:8080".parse().unwrap(), source());
+        let first = Bytes::from_static(b"GET / HTTP/1.1\r\n\r\n");
+        let (mut stream, peer) = pool
+            .connect_with_data(server, &[id(SERVER)], &req, first.clone())
+            .await
+            .expect("answered once the first data arrived");
+        assert_eq!(peer, id(SERVER));
+        let mut back = Vec::new();
+        stream.read_to_end(&mut back).await.unwrap();
+        assert_eq!(back, first, "the server echoes what came with the headers");
+
+        // Without first data the same server never answers: the check
+        // above depends on the data leaving before the response.
+        let waiting = timeout(
+            Duration::from_millis(300),
+            pool.connect(server, &[id(SERVER)], &req),
+        )
+        .await;
+        assert!(waiting.is_err(), "answered without data: {waiting:?}");
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn round_trip_with_half_close_and_headers() {
     within(T, async {

@@ -7,6 +7,10 @@
 //! `sidetunnel_connections_refused_total`, keeps the held ones working, and
 //! accepts again as soon as one closes; an inbound HBONE stream over the
 //! limit is answered 503 (the client's proxy then resets its client).
+//! With a tiny `--copy-buffer-budget`, many concurrent bulk streams still
+//! arrive intact both ways, the grown copy buffers never exceed the budget
+//! (`sidetunnel_copy_buffer_bytes`) and return to zero, and the sending
+//! proxy's peak RSS stays well below an unbudgeted run's.
 //!
 //! `measure_memory` (ignored; a measurement, run with `--ignored
 //! --nocapture`, with `SIDETUNNEL_BIN_DIR=target/release` for release
@@ -17,6 +21,7 @@
 use std::io::{Read, Write};
 use std::net::{SocketAddr, SocketAddrV4, TcpStream};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use sidetunnel_tests::load::{self, Server};
@@ -207,6 +212,202 @@ fn full_table_refuses_hbone_streams_with_503() {
     echo_ok(&mut again[0], "a freed entry is reused");
 }
 
+/// Peak VmRSS (KiB) of `pids` while `work` runs, sampled every 20 ms.
+fn peak_rss_during<T: Send>(pids: [i32; 2], work: impl FnOnce() -> T + Send) -> ([u64; 2], T) {
+    let done = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let sampler = s.spawn(|| {
+            let mut peak = [0u64; 2];
+            while !done.load(Ordering::Relaxed) {
+                for (p, pid) in peak.iter_mut().zip(pids) {
+                    *p = (*p).max(procstat::status_kib(pid, "VmRSS").unwrap_or(0));
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            peak
+        });
+        let out = work();
+        done.store(true, Ordering::Relaxed);
+        (sampler.join().unwrap(), out)
+    })
+}
+
+/// Byte `i` of stream `seed`'s data: position dependent, so a lost,
+/// duplicated or reordered block shows.
+fn pattern(seed: u64, offset: u64, buf: &mut [u8]) {
+    for (k, b) in buf.iter_mut().enumerate() {
+        let i = offset + k as u64;
+        *b = ((i ^ seed << 40).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 56) as u8;
+    }
+}
+
+/// Sends `len` bytes of `seed`'s pattern on `c` (then half-closes) while
+/// reading the echo back and comparing every byte.
+fn echo_checked(c: TcpStream, seed: u64, len: u64) -> Result<(), String> {
+    const BLOCK: usize = 64 * 1024;
+    let mut w = c.try_clone().map_err(|e| e.to_string())?;
+    let writer = std::thread::spawn(move || -> std::io::Result<()> {
+        let mut buf = vec![0u8; BLOCK];
+        let mut off = 0u64;
+        while off < len {
+            let n = (len - off).min(BLOCK as u64) as usize;
+            pattern(seed, off, &mut buf[..n]);
+            w.write_all(&buf[..n])?;
+            off += n as u64;
+        }
+        w.shutdown(std::net::Shutdown::Write)
+    });
+    let (mut r, mut got, mut want) = (c, vec![0u8; BLOCK], vec![0u8; BLOCK]);
+    let mut off = 0u64;
+    let read = loop {
+        match r.read(&mut got) {
+            Ok(0) => break Ok(()),
+            Ok(n) => {
+                pattern(seed, off, &mut want[..n]);
+                if got[..n] != want[..n] {
+                    break Err(format!(
+                        "stream {seed}: wrong bytes in {off}..{}",
+                        off + n as u64
+                    ));
+                }
+                off += n as u64;
+            }
+            Err(e) => break Err(format!("stream {seed}: reading at {off}: {e}")),
+        }
+    };
+    let wrote = writer.join().map_err(|_| "writer panicked".to_string())?;
+    read?;
+    wrote.map_err(|e| format!("stream {seed}: writing: {e}"))?;
+    if off != len {
+        return Err(format!("stream {seed}: {off} of {len} bytes came back"));
+    }
+    Ok(())
+}
+
+/// Growth of proxy A's RSS (KiB, peak under load minus before) while
+/// `streams` bulk streams run A → B's sink for `secs`.
+fn bulk_rss_growth(pair: &PodPair, streams: usize, secs: u64) -> u64 {
+    let sink: SocketAddr = SocketAddrV4::new(B_IP, APP_PORT + 1).into();
+    let _sink = Server::sink(pair.ns(Pod::B), sink).unwrap();
+    let pids = [Pod::A, Pod::B].map(|p| pair.proxy_pid(p).unwrap());
+    let conns: Vec<TcpStream> = (0..streams)
+        .map(|_| pair.ns(Pod::A).run(|| load::connect(sink, None)).unwrap())
+        .collect();
+    let before = procstat::status_kib(pids[0], "VmRSS").unwrap();
+    let (peak, moved) = peak_rss_during(pids, || load::bulk(conns, Duration::from_secs(secs)));
+    // Every sink counted all bytes its stream sent (checked by `bulk`).
+    let moved = moved.unwrap_or_else(|e| panic!("bulk: {e}\n{}", pair.logs()));
+    assert!(moved.bytes > 0);
+    peak[0].saturating_sub(before)
+}
+
+/// Both proxies with `--copy-buffer-budget=1MiB` (and small HTTP/2
+/// windows, so the receive side does not hide the send side): 50 echo
+/// streams of 2 MiB each way arrive intact, the budget gauge never
+/// exceeds 1 MiB and is refused (counted) on A, it drops to zero when
+/// the streams end, and A's peak RSS under 100 bulk streams grows much
+/// less than with an unlimited budget in the same test.
+#[test]
+fn copy_buffer_budget_bounds_bulk_memory_and_keeps_every_byte() {
+    let t = "copy_buffer_budget_bounds_bulk_memory_and_keeps_every_byte";
+    if !gate(t) {
+        return;
+    }
+    const BUDGET: u64 = 1 << 20;
+    const BULK_STREAMS: usize = 100;
+    const ECHO_STREAMS: u64 = 50;
+    const ECHO_BYTES: u64 = 2 << 20;
+    let opts = |budget: &str| {
+        let mut o = Options::new(bin_dir());
+        o.log_level = "warn".into();
+        o.proxy_args = vec![
+            "--h2-stream-window=256KiB".into(),
+            "--h2-connection-window=1MiB".into(),
+            format!("--copy-buffer-budget={budget}"),
+        ];
+        o
+    };
+    let unlimited = {
+        let pair = PodPair::start(opts("64GiB")).expect("start the unbudgeted pair");
+        bulk_rss_growth(&pair, BULK_STREAMS, 3)
+    };
+
+    let pair = PodPair::start(opts("1MiB")).expect("start the budgeted pair");
+    for pod in [Pod::A, Pod::B] {
+        wait_metric(
+            &pair,
+            pod,
+            "sidetunnel_copy_buffer_budget_bytes",
+            BUDGET as f64,
+        );
+    }
+    let budgeted = bulk_rss_growth(&pair, BULK_STREAMS, 3);
+
+    let app: SocketAddr = SocketAddrV4::new(B_IP, APP_PORT).into();
+    let _echo = Server::echo(pair.ns(Pod::B), app).unwrap();
+    let conns: Vec<TcpStream> = (0..ECHO_STREAMS)
+        .map(|_| pair.ns(Pod::A).run(|| load::connect(app, None)).unwrap())
+        .collect();
+    let done = AtomicBool::new(false);
+    let (most_held, results) = std::thread::scope(|s| {
+        // Scrapes both proxies while the streams run.
+        let sampler = s.spawn(|| {
+            let mut most = [0f64; 2];
+            while !done.load(Ordering::Relaxed) {
+                for (m, pod) in most.iter_mut().zip([Pod::A, Pod::B]) {
+                    if let Ok(text) = pair.metrics(pod)
+                        && let Some(v) = metric(&text, "sidetunnel_copy_buffer_bytes")
+                    {
+                        *m = m.max(v);
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            most
+        });
+        let streams: Vec<_> = conns
+            .into_iter()
+            .enumerate()
+            .map(|(i, c)| s.spawn(move || echo_checked(c, i as u64, ECHO_BYTES)))
+            .collect();
+        let results: Vec<_> = streams.into_iter().map(|h| h.join().unwrap()).collect();
+        done.store(true, Ordering::Relaxed);
+        (sampler.join().unwrap(), results)
+    });
+    let failed: Vec<_> = results.into_iter().filter_map(Result::err).collect();
+    assert!(failed.is_empty(), "{failed:#?}\n{}", pair.logs());
+
+    for (pod, most) in [Pod::A, Pod::B].into_iter().zip(most_held) {
+        assert!(
+            most <= BUDGET as f64,
+            "proxy {} held {most} bytes of grown copy buffers, budget {BUDGET}",
+            pod.name()
+        );
+        // Every stream ended: every grown buffer was given back.
+        wait_metric(&pair, pod, "sidetunnel_copy_buffer_bytes", 0.0);
+    }
+    let a = pair.metrics(Pod::A).unwrap();
+    let refusals = metric(&a, "sidetunnel_copy_buffer_budget_refusals_total").unwrap_or(0.0);
+    assert!(refusals > 0.0, "the budget was never full on A:\n{a}");
+
+    println!(
+        "peak RSS growth of proxy A with {BULK_STREAMS} bulk streams: \
+         {budgeted} KiB with a 1 MiB budget, {unlimited} KiB unlimited"
+    );
+    // What the budgeted path may hold: the budget, what h2 queues (bounded
+    // by B's 1 MiB connection window), two 16 KiB buffers and h2/TLS state
+    // per stream; plus a generous allowance for allocator slack.
+    let bound = (BUDGET >> 10) + 1024 + BULK_STREAMS as u64 * 64 + 16 * 1024;
+    assert!(
+        budgeted <= bound,
+        "budgeted growth {budgeted} KiB above {bound} KiB"
+    );
+    assert!(
+        budgeted * 10 < unlimited * 6,
+        "budgeted growth {budgeted} KiB not well below unlimited {unlimited} KiB"
+    );
+}
+
 /// `Threads:` of `/proc/<pid>/status`.
 fn threads(pid: i32) -> u64 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
@@ -322,23 +523,8 @@ fn measure_memory() {
     let streams: Vec<TcpStream> = (0..100)
         .map(|_| pair.ns(Pod::A).run(|| load::connect(sink, None)).unwrap())
         .collect();
-    let done = std::sync::atomic::AtomicBool::new(false);
-    let peak = std::thread::scope(|s| {
-        let sampler = s.spawn(|| {
-            let mut peak = [0u64; 2];
-            while !done.load(std::sync::atomic::Ordering::Relaxed) {
-                for (p, pid) in peak.iter_mut().zip(pids) {
-                    *p = (*p).max(procstat::status_kib(pid, "VmRSS").unwrap_or(0));
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            peak
-        });
-        let t = load::bulk(streams, Duration::from_secs(3)).expect("bulk");
-        done.store(true, std::sync::atomic::Ordering::Relaxed);
-        println!("100 streams: {:.2} Gbit/s", t.gbit_per_s());
-        sampler.join().unwrap()
-    });
+    let (peak, t) = peak_rss_during(pids, || load::bulk(streams, Duration::from_secs(3)));
+    println!("100 streams: {:.2} Gbit/s", t.expect("bulk").gbit_per_s());
     println!(
         "100 streams: peak RSS proxy a {} KiB, proxy b {} KiB",
         peak[0], peak[1]

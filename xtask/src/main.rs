@@ -5,6 +5,7 @@
 mod bench;
 mod bench_dataplane;
 mod demo;
+mod dist;
 mod fuzz;
 mod soak;
 
@@ -42,6 +43,8 @@ enum Task {
     },
     /// Create and remove N pods via CRI (sidetunnel runtime); check nothing is left (not in CI).
     Soak(soak::SoakArgs),
+    /// Build the shipped release binaries (statically linked); prints their directory.
+    Dist(dist::DistArgs),
 }
 
 fn main() -> Result<()> {
@@ -51,12 +54,19 @@ fn main() -> Result<()> {
         Task::Fuzz { task } => fuzz::run(task),
         Task::Bench { task } => bench::run(task),
         Task::Soak(args) => soak::run(&args),
+        Task::Dist(args) => dist::run(&args),
     }
 }
 
 fn cargo(args: &[&str]) -> Result<()> {
+    cargo_with(args, &[])
+}
+
+/// `cargo <args>` with extra environment variables.
+fn cargo_with(args: &[&str], env: &[(&str, &std::ffi::OsStr)]) -> Result<()> {
     let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
         .args(args)
+        .envs(env.iter().copied())
         .status()
         .with_context(|| format!("running cargo {}", args.join(" ")))?;
     if !status.success() {
@@ -85,10 +95,13 @@ fn test(extra: &[String]) -> Result<()> {
     cargo(&["deny", "check", "licenses", "bans", "sources"])?;
     step("cargo build (binaries the integration tests run)");
     cargo(&["build", "--workspace", "--bins"])?;
+    // The shipped binaries too: the data-plane smoke bench runs them and a
+    // test checks they are static.
+    let dist = dist::build(&[])?;
     step("cargo test");
     let mut args = vec!["test", "--workspace"];
     args.extend(extra.iter().map(String::as_str));
-    cargo(&args)?;
+    cargo_with(&args, &[(dist::DIR_ENV, dist.as_os_str())])?;
     step("fuzz smoke (every target, a few seconds each)");
     fuzz::run(fuzz::FuzzTask::Smoke {
         time: fuzz::SMOKE_SECS,

@@ -13,7 +13,7 @@ use serde::Deserialize;
 use super::parse::{duration_or, parse_mark, parse_size, string_or_int};
 use super::{
     CertSource, Config, ConfigError, DEFAULT_MARK, Endpoint, InboundPolicy, Limits, LogFormat,
-    MAX_CONNECTIONS_CAP, PodIdentity, PoolConfig, Ports, XdsMode,
+    MAX_CONNECTIONS_CAP, MAX_COPY_BUFFER_BUDGET, PodIdentity, PoolConfig, Ports, XdsMode,
 };
 
 /// Settings of `sidetunnel-proxy run`. Every flag also reads the environment
@@ -247,6 +247,17 @@ pub struct ProxyArgs {
     )]
     #[serde(default, deserialize_with = "string_or_int")]
     pub h2_connection_window: Option<String>,
+    /// Bytes all bulk copy buffers above 16 KiB may hold together; as more
+    /// connections move bulk data, each gets smaller chunks. `0` keeps
+    /// every connection at 16 KiB chunks [default: 32MiB].
+    #[arg(
+        long,
+        env = "SIDETUNNEL_COPY_BUFFER_BUDGET",
+        value_name = "SIZE",
+        help_heading = "Limits"
+    )]
+    #[serde(default, deserialize_with = "string_or_int")]
+    pub copy_buffer_budget: Option<String>,
     /// Tokio worker threads of the data path [default: 2].
     #[arg(long, env = "SIDETUNNEL_WORKER_THREADS", help_heading = "Runtime")]
     pub worker_threads: Option<usize>,
@@ -258,7 +269,7 @@ pub struct ProxyArgs {
         help_heading = "Runtime"
     )]
     pub log_format: Option<LogFormat>,
-    /// Log filter, tracing `EnvFilter` syntax, e.g. `info,access=debug` [default: info].
+    /// Log filter: `target=level` directives, e.g. `info,access=debug` [default: info].
     #[arg(long, env = "SIDETUNNEL_LOG_LEVEL", help_heading = "Runtime")]
     pub log_level: Option<String>,
 
@@ -317,7 +328,7 @@ impl ProxyArgs {
             readiness_port, mark, admin_socket, drain_grace_period, connect_timeout,
             on_demand_timeout, pool_max_streams, pool_idle_timeout, worker_threads, log_format, log_level,
             inbound_policy, xds_idle_timeout, max_connections, h2_stream_window,
-            h2_connection_window;
+            h2_connection_window, copy_buffer_budget;
             pod_ips, probe_sources, xds_prefetch)
     }
 
@@ -426,8 +437,7 @@ impl ProxyArgs {
         };
 
         let log_level = self.log_level.unwrap_or_else(|| "info".into());
-        tracing_subscriber::EnvFilter::builder()
-            .parse(&log_level)
+        crate::admin::logging::parse_filter(&log_level)
             .map_err(|e| ConfigError::invalid("log-level", &log_level, e))?;
 
         let pool_max_streams = self.pool_max_streams.unwrap_or(100);
@@ -452,6 +462,7 @@ impl ProxyArgs {
             self.max_connections,
             self.h2_stream_window,
             self.h2_connection_window,
+            self.copy_buffer_budget,
         )?;
 
         // Checked here so a bad entry fails the start with the flag named.
@@ -494,11 +505,13 @@ impl ProxyArgs {
     }
 }
 
-/// `--max-connections` and the HTTP/2 windows, validated.
+/// `--max-connections`, the HTTP/2 windows and the copy-buffer budget,
+/// validated.
 fn resolve_limits(
     max_connections: Option<usize>,
     stream_window: Option<String>,
     connection_window: Option<String>,
+    copy_buffer_budget: Option<String>,
 ) -> Result<Limits, ConfigError> {
     let d = Limits::default();
     let max_connections = max_connections.unwrap_or(d.max_connections);
@@ -536,10 +549,26 @@ fn resolve_limits(
             format!("must be at least --h2-stream-window ({stream_window})"),
         ));
     }
+    let copy_buffer_budget = match copy_buffer_budget {
+        None => d.copy_buffer_budget,
+        Some(s) => {
+            let n =
+                parse_size(&s).map_err(|e| ConfigError::invalid("copy-buffer-budget", &s, e))?;
+            if n > MAX_COPY_BUFFER_BUDGET {
+                return Err(ConfigError::invalid(
+                    "copy-buffer-budget",
+                    &s,
+                    "must be at most 64GiB",
+                ));
+            }
+            n
+        }
+    };
     Ok(Limits {
         max_connections,
         stream_window,
         connection_window,
+        copy_buffer_budget,
     })
 }
 

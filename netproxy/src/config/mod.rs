@@ -188,10 +188,16 @@ pub struct PoolConfig {
 /// descriptors; far beyond what one pod's proxy should hold).
 pub const MAX_CONNECTIONS_CAP: usize = 1 << 20;
 
+/// Largest accepted `--copy-buffer-budget` (fits any platform's `usize`
+/// arithmetic with room; far beyond one pod's memory).
+pub const MAX_COPY_BUFFER_BUDGET: u64 = 64 << 30;
+
 /// Resource bounds. Worst-case memory of one proxied connection is about
 /// one stream window (data received from the peer proxy, not yet written
-/// to the local socket) plus the copy chunks in flight; the connection
-/// window caps what all streams of one HBONE connection may hold together.
+/// to the local socket) plus the copy path's buffers (at most
+/// `hbone::CONNECTION_COPY_CAP`); the connection window caps what all
+/// streams of one HBONE connection may hold together, and the copy-buffer
+/// budget what all grown copy buffers of the process hold together.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Limits {
@@ -201,16 +207,19 @@ pub struct Limits {
     pub stream_window: u32,
     /// HTTP/2 receive window of one HBONE connection (bytes).
     pub connection_window: u32,
+    /// Bytes all copy buffers grown past 16 KiB may hold together.
+    pub copy_buffer_budget: u64,
 }
 
 impl Default for Limits {
     /// 16384 connections; ztunnel's windows (4 MiB per stream, 16 MiB per
-    /// connection).
+    /// connection); a 32 MiB copy-buffer budget.
     fn default() -> Self {
         Limits {
             max_connections: 16384,
             stream_window: 4 << 20,
             connection_window: 16 << 20,
+            copy_buffer_budget: crate::hbone::DEFAULT_COPY_BUFFER_BUDGET as u64,
         }
     }
 }

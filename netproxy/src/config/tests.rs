@@ -277,6 +277,7 @@ fn limits_default_parse_and_validate() {
     assert_eq!(c.limits.max_connections, 16384);
     assert_eq!(c.limits.stream_window, 4 << 20);
     assert_eq!(c.limits.connection_window, 16 << 20);
+    assert_eq!(c.limits.copy_buffer_budget, 32 << 20);
 
     let c = parse(&[
         "--max-connections",
@@ -285,6 +286,8 @@ fn limits_default_parse_and_validate() {
         "256KiB",
         "--h2-connection-window",
         "1048576",
+        "--copy-buffer-budget",
+        "1MiB",
     ])
     .unwrap();
     assert_eq!(
@@ -293,11 +296,22 @@ fn limits_default_parse_and_validate() {
             max_connections: 100,
             stream_window: 256 << 10,
             connection_window: 1 << 20,
+            copy_buffer_budget: 1 << 20,
         }
     );
 
     for (args, flag, reason) in [
         (&["--max-connections", "0"][..], "max-connections", "1..="),
+        (
+            &["--copy-buffer-budget", "65GiB"][..],
+            "copy-buffer-budget",
+            "at most 64GiB",
+        ),
+        (
+            &["--copy-buffer-budget", "32MB"][..],
+            "copy-buffer-budget",
+            "unknown unit",
+        ),
         (
             &["--max-connections", "99999999"][..],
             "max-connections",
@@ -346,7 +360,8 @@ fn limits_from_the_file_are_overridden_by_flags() {
     let mut f = tempfile::NamedTempFile::new().unwrap();
     writeln!(
         f,
-        "max-connections = 7\nh2-stream-window = \"1MiB\"\nh2-connection-window = 8388608"
+        "max-connections = 7\nh2-stream-window = \"1MiB\"\nh2-connection-window = 8388608\n\
+         copy-buffer-budget = \"4MiB\""
     )
     .unwrap();
     let path = f.path().to_str().unwrap();
@@ -354,8 +369,18 @@ fn limits_from_the_file_are_overridden_by_flags() {
     assert_eq!(c.limits.max_connections, 7);
     assert_eq!(c.limits.stream_window, 1 << 20);
     assert_eq!(c.limits.connection_window, 8 << 20);
-    let c = parse(&["--config", path, "--max-connections", "9"]).unwrap();
+    assert_eq!(c.limits.copy_buffer_budget, 4 << 20);
+    let c = parse(&[
+        "--config",
+        path,
+        "--max-connections",
+        "9",
+        "--copy-buffer-budget",
+        "0",
+    ])
+    .unwrap();
     assert_eq!(c.limits.max_connections, 9);
+    assert_eq!(c.limits.copy_buffer_budget, 0);
 }
 
 #[test]

@@ -4,7 +4,11 @@
 //! Data moves as `Bytes` chunks without intermediate copies (see [`Splice`]).
 //! Each direction reads up to 16 KiB at first and doubles up to 256 KiB while
 //! reads keep filling it (bulk transfers then move large chunks: fewer
-//! syscalls and bigger TLS records).
+//! syscalls and bigger TLS records). Growth past 16 KiB takes bytes from
+//! the process-wide [`CopyBudget`] (`--copy-buffer-budget`); without room a
+//! direction keeps its chunk size. A grown direction falls back to 16 KiB
+//! (returning its buffers and budget) when a short read is followed by a
+//! wait for data: the sender is not keeping a large buffer busy.
 //! In bulk mode each direction keeps two read buffers and reuses whichever
 //! the writer has released: h2 holds a chunk until its connection task
 //! encrypted it, and allocating a fresh 256 KiB buffer per read made the
@@ -15,6 +19,15 @@
 //! one vectored write.
 //! EOF on one side is propagated as a half-close (`shutdown`) to the other
 //! and the opposite direction keeps flowing until its own EOF.
+//!
+//! Per proxied connection the copy path's own read buffers hold at most
+//! [`CONNECTION_COPY_CAP`] (two buffers of [`MAX_CHUNK`] per direction).
+//! What h2 queues for sending on an HBONE stream are slices of those
+//! buffers, but a queued tail pins its buffer and makes the reader allocate
+//! another: that is bounded by h2's `max_send_buffer_size` ([`SEND_BUFFER`]
+//! on the server; the stream window on the client, see `client.rs`) and, per
+//! HBONE connection, by the peer's connection window. The receiving side is
+//! bounded by the HTTP/2 windows.
 
 use std::future::poll_fn;
 use std::io::{self, IoSlice};
@@ -27,9 +40,23 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use super::HboneStream;
+use super::budget::{CopyBudget, Grant};
 
-const INITIAL_CHUNK: usize = 16 * 1024;
-const MAX_CHUNK: usize = 256 * 1024;
+/// First read size of a direction; traffic that never fills it (requests,
+/// responses, interactive use) never touches the budget.
+pub const INITIAL_CHUNK: usize = 16 * 1024;
+/// Largest read size of a bulk direction.
+pub const MAX_CHUNK: usize = 256 * 1024;
+/// Read buffers a bulk direction keeps (see the module comment); a grown
+/// direction takes `BUFFERS × chunk size` from the budget.
+const BUFFERS: usize = 2;
+/// h2's per-stream send buffer on the server (`max_send_buffer_size`): two
+/// chunks queued keep the connection task and the socket busy while the
+/// copy reads the next one.
+pub const SEND_BUFFER: usize = 2 * MAX_CHUNK;
+/// Most memory the copy path's read buffers of one proxied connection hold:
+/// both directions' two buffers at the largest chunk.
+pub const CONNECTION_COPY_CAP: usize = 2 * BUFFERS * MAX_CHUNK;
 /// Most chunks gathered for one vectored write.
 const MAX_GATHER: usize = 16;
 
@@ -76,6 +103,14 @@ pub trait Splice: AsyncRead + AsyncWrite + Unpin {
     /// that is there; another would be a wasted syscall).
     fn gathers(&self) -> bool {
         false
+    }
+
+    /// Whether reads land in the caller's buffer (and so larger chunks
+    /// cost memory of the copy path and take budget); false for HBONE
+    /// streams, whose chunks are h2's received frames (bounded by the
+    /// receive window).
+    fn reads_into_buffer(&self) -> bool {
+        true
     }
 }
 
@@ -136,6 +171,10 @@ impl Splice for HboneStream {
     fn gathers(&self) -> bool {
         true
     }
+
+    fn reads_into_buffer(&self) -> bool {
+        false
+    }
 }
 
 impl Splice for tokio::io::DuplexStream {}
@@ -160,7 +199,7 @@ pub struct CopyCounters {
     pub b_to_a: AtomicU64,
 }
 
-struct Direction {
+struct Direction<'b> {
     buf: BytesMut,
     /// The other read buffer (see the module comment).
     spare: BytesMut,
@@ -173,10 +212,16 @@ struct Direction {
     deferred: Option<io::Error>,
     need_flush: bool,
     done: bool,
+    /// Budget held for read buffers above [`INITIAL_CHUNK`].
+    grant: Grant<'b>,
+    /// Length of the last chunk read.
+    last_read: usize,
+    /// A growth was refused (counted once until the direction shrinks).
+    refused: bool,
 }
 
-impl Direction {
-    fn new() -> Self {
+impl<'b> Direction<'b> {
+    fn new(budget: &'b CopyBudget) -> Self {
         Self {
             buf: BytesMut::new(),
             spare: BytesMut::new(),
@@ -187,7 +232,38 @@ impl Direction {
             deferred: None,
             need_flush: false,
             done: false,
+            grant: budget.grant(),
+            last_read: 0,
+            refused: false,
         }
+    }
+
+    /// Doubles the chunk size after a full read, if the budget has room
+    /// for the larger buffers (readers that do not use them grow freely).
+    fn grow(&mut self, buffered: bool) {
+        if self.want >= MAX_CHUNK {
+            return;
+        }
+        let next = (self.want * 2).min(MAX_CHUNK);
+        if buffered && !self.grant.try_resize(BUFFERS * next) {
+            if !self.refused {
+                self.refused = true;
+                self.grant.budget().count_refusal();
+            }
+            return;
+        }
+        self.want = next;
+    }
+
+    /// Back to [`INITIAL_CHUNK`]: returns the budget and drops the grown
+    /// buffers (chunks the writer still holds keep theirs alive until
+    /// written).
+    fn shrink(&mut self) {
+        self.want = INITIAL_CHUNK;
+        self.buf = BytesMut::new();
+        self.spare = BytesMut::new();
+        self.grant.release();
+        self.refused = false;
     }
 
     /// Makes `buf` able to take `want` bytes without allocating when either
@@ -216,6 +292,11 @@ impl Direction {
             let r = reader.poll_read_chunk(cx, &mut self.buf, self.want);
             match r {
                 Poll::Pending if self.pending.is_empty() => {
+                    if self.grant.bytes() > 0 && self.last_read < INITIAL_CHUNK {
+                        // Grown, but data now comes slower than we drain
+                        // it: large buffers would sit idle.
+                        self.shrink();
+                    }
                     if self.want == INITIAL_CHUNK {
                         // Not bulk (request/response, or idle): hold no
                         // buffer while waiting. A readiness left over from
@@ -238,9 +319,10 @@ impl Direction {
                     return Poll::Ready(Ok(()));
                 }
                 Poll::Ready(Ok(chunk)) => {
+                    self.last_read = chunk.len();
                     // A full read means bulk data: read bigger next time.
                     if chunk.len() >= self.want {
-                        self.want = (self.want * 2).min(MAX_CHUNK);
+                        self.grow(reader.reads_into_buffer());
                     }
                     gathered += chunk.len();
                     self.pending.push(chunk);
@@ -318,8 +400,7 @@ impl Direction {
                 ready!(Pin::new(&mut *writer).poll_shutdown(cx))?;
                 self.done = true;
                 // Nothing more flows this way: give the memory back.
-                self.buf = BytesMut::new();
-                self.spare = BytesMut::new();
+                self.shrink();
                 return Poll::Ready(Ok(()));
             }
         }
@@ -328,7 +409,8 @@ impl Direction {
 
 /// Copies `a → b` and `b → a` until both directions reached EOF (each EOF
 /// half-closes the other side) or an error occurs. Never panics; returns the
-/// counts moved so far together with the first error.
+/// counts moved so far together with the first error. Grown read buffers
+/// take from [`CopyBudget::global`].
 pub async fn copy_bidirectional<A, B>(
     a: &mut A,
     b: &mut B,
@@ -338,8 +420,22 @@ where
     A: Splice + ?Sized,
     B: Splice + ?Sized,
 {
-    let mut ab = Direction::new();
-    let mut ba = Direction::new();
+    copy_with_budget(a, b, counters, CopyBudget::global()).await
+}
+
+/// [`copy_bidirectional`] with grown buffers taken from `budget`.
+pub(crate) async fn copy_with_budget<A, B>(
+    a: &mut A,
+    b: &mut B,
+    counters: Option<&CopyCounters>,
+    budget: &CopyBudget,
+) -> CopyResult
+where
+    A: Splice + ?Sized,
+    B: Splice + ?Sized,
+{
+    let mut ab = Direction::new(budget);
+    let mut ba = Direction::new(budget);
     let error = poll_fn(|cx| {
         if !ab.done
             && let Poll::Ready(Err(e)) = ab.poll_copy(cx, a, b, counters.map(|c| &c.a_to_b))
@@ -470,6 +566,188 @@ mod tests {
         fn gathers(&self) -> bool {
             true
         }
+
+        fn reads_into_buffer(&self) -> bool {
+            false
+        }
+    }
+
+    /// One scripted read of [`Filler`].
+    #[derive(Clone, Copy)]
+    enum Step {
+        /// Fills the whole chunk the direction asks for.
+        Full,
+        Short(usize),
+        Eof,
+    }
+
+    /// Reads into the direction's buffer (like a socket) as scripted;
+    /// `Pending` once the script is empty.
+    #[derive(Default)]
+    struct Filler {
+        script: std::collections::VecDeque<Step>,
+    }
+
+    impl Filler {
+        fn push(&mut self, steps: &[Step]) {
+            self.script.extend(steps);
+        }
+    }
+
+    impl AsyncRead for Filler {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+            _buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            unreachable!("reads go through poll_read_chunk")
+        }
+    }
+
+    impl AsyncWrite for Filler {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+            _buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            unreachable!("only read from")
+        }
+        fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl Splice for Filler {
+        fn poll_read_chunk(
+            &mut self,
+            _cx: &mut Context<'_>,
+            buf: &mut BytesMut,
+            want: usize,
+        ) -> Poll<io::Result<Bytes>> {
+            let n = match self.script.pop_front() {
+                None => return Poll::Pending,
+                Some(Step::Eof) => 0,
+                Some(Step::Full) => want,
+                Some(Step::Short(n)) => n,
+            };
+            buf.clear();
+            buf.resize(n, 0x5a);
+            Poll::Ready(Ok(buf.split_to(n).freeze()))
+        }
+    }
+
+    /// Polls `d` once with a no-op waker.
+    fn poll_once(d: &mut Direction<'_>, from: &mut Filler, to: &mut Recorder) -> Poll<()> {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        d.poll_copy(&mut cx, from, to, None)
+            .map(|r| r.expect("scripted copy"))
+    }
+
+    #[test]
+    fn growth_takes_budget_stops_when_it_is_full_and_gives_it_back() {
+        const K: usize = 1024;
+        // Room for one direction at 64 KiB (2 × 32 KiB, then 2 × 64 KiB).
+        let budget = CopyBudget::new(BUFFERS * 64 * K);
+        let (mut from, mut to) = (Filler::default(), Recorder::default());
+        let mut d = Direction::new(&budget);
+        from.push(&[Step::Full; 8]);
+        assert!(poll_once(&mut d, &mut from, &mut to).is_pending());
+        assert_eq!(d.want, 64 * K, "grew while the budget had room");
+        assert_eq!((d.grant.bytes(), budget.held()), (128 * K, 128 * K));
+        assert_eq!(budget.refused(), 1, "counted once, not per full read");
+
+        // A second bulk direction finds the budget full: it stays small
+        // and correct, and counts one refusal.
+        let (mut from2, mut to2) = (Filler::default(), Recorder::default());
+        let mut d2 = Direction::new(&budget);
+        from2.push(&[Step::Full; 4]);
+        assert!(poll_once(&mut d2, &mut from2, &mut to2).is_pending());
+        assert_eq!((d2.want, d2.grant.bytes()), (INITIAL_CHUNK, 0));
+        assert_eq!(d2.total, 4 * INITIAL_CHUNK as u64);
+        assert_eq!(budget.refused(), 2);
+
+        // A short read, then a wait: the first shrinks and returns it all.
+        from.push(&[Step::Short(100)]);
+        assert!(poll_once(&mut d, &mut from, &mut to).is_pending());
+        assert_eq!((d.want, budget.held()), (INITIAL_CHUNK, 0));
+        assert_eq!(d.buf.capacity() + d.spare.capacity(), 0);
+
+        // Now the second one grows; dropping it mid-transfer returns it.
+        from2.push(&[Step::Full; 2]);
+        assert!(poll_once(&mut d2, &mut from2, &mut to2).is_pending());
+        assert_eq!((d2.want, budget.held()), (64 * K, 128 * K));
+        drop(d2);
+        assert_eq!(budget.held(), 0);
+
+        // EOF returns the budget too.
+        from.push(&[Step::Full, Step::Full, Step::Eof]);
+        assert!(poll_once(&mut d, &mut from, &mut to).is_ready());
+        assert_eq!(budget.held(), 0);
+        let kib = (16 + 32 + 6 * 64) + (16 + 32);
+        assert_eq!(d.total, kib * K as u64 + 100);
+    }
+
+    #[test]
+    fn small_chunks_never_touch_the_budget() {
+        let budget = CopyBudget::new(0);
+        let (mut from, mut to) = (Filler::default(), Recorder::default());
+        let mut d = Direction::new(&budget);
+        from.push(&[Step::Short(1000), Step::Short(INITIAL_CHUNK - 1), Step::Eof]);
+        assert!(poll_once(&mut d, &mut from, &mut to).is_ready());
+        assert_eq!(d.total, (1000 + INITIAL_CHUNK - 1) as u64);
+        assert_eq!((budget.held(), budget.refused()), (0, 0));
+    }
+
+    #[tokio::test]
+    async fn concurrent_bulk_copies_within_a_tiny_budget_deliver_every_byte() {
+        let budget = CopyBudget::new(BUFFERS * 64 * 1024);
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut transfers = Vec::new();
+        for seed in 0..6u8 {
+            let app = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+            let (proxied, _) = l.accept().await.unwrap();
+            let data: Vec<u8> = (0..3_000_000u32)
+                .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8 ^ seed)
+                .collect();
+            transfers.push(transfer(app, proxied, data, &budget));
+        }
+        tokio::time::timeout(std::time::Duration::from_secs(60), async {
+            futures::future::join_all(transfers).await
+        })
+        .await
+        .expect("copies finished in time");
+        assert_eq!(budget.held(), 0);
+        assert!(budget.refused() > 0, "six bulk copies must not all fit");
+    }
+
+    /// Sends `data` from `app` through a copy of `proxied` into an
+    /// in-memory pipe and checks that all of it arrived intact.
+    async fn transfer(
+        mut app: TcpStream,
+        mut proxied: TcpStream,
+        data: Vec<u8>,
+        budget: &CopyBudget,
+    ) {
+        let (mut near, mut far) = tokio::io::duplex(64 * 1024);
+        let copy = copy_with_budget(&mut proxied, &mut near, None, budget);
+        let send = async {
+            app.write_all(&data).await.unwrap();
+            app.shutdown().await.unwrap();
+        };
+        let recv = async {
+            let mut got = Vec::new();
+            far.read_to_end(&mut got).await.unwrap();
+            far.shutdown().await.unwrap();
+            got
+        };
+        let (r, (), got) = tokio::join!(copy, send, recv);
+        assert!(r.error.is_none(), "{:?}", r.error);
+        assert_eq!(r.a_to_b, data.len() as u64);
+        assert!(got == data, "stream corrupted");
+        assert!(budget.held() <= budget.limit());
     }
 
     #[tokio::test]
@@ -479,7 +757,7 @@ mod tests {
             from.queued.push_back(Bytes::copy_from_slice(part));
         }
         let mut to = Recorder::default();
-        let mut d = Direction::new();
+        let mut d = Direction::new(CopyBudget::global());
         poll_fn(|cx| d.poll_copy(cx, &mut from, &mut to, None))
             .await
             .unwrap();
@@ -495,7 +773,7 @@ mod tests {
         let mut app = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
         let (mut from, _) = l.accept().await.unwrap();
         let mut to = Recorder::default();
-        let mut d = Direction::new();
+        let mut d = Direction::new(CopyBudget::global());
         app.write_all(b"x").await.unwrap();
         // Copies the byte, then waits for more.
         tokio::time::timeout(std::time::Duration::from_secs(10), async {
@@ -514,7 +792,7 @@ mod tests {
 
     #[test]
     fn read_buffers_are_reused_once_the_writer_released_them() {
-        let mut d = Direction::new();
+        let mut d = Direction::new(CopyBudget::global());
         d.buf.reserve(d.want);
         let first = d.buf.as_ptr();
         let held = d.buf.split_to(0).freeze();

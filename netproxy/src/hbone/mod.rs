@@ -15,6 +15,7 @@
 //! stream to `AsyncRead + AsyncWrite`; [`copy_bidirectional`] splices two
 //! streams and counts bytes.
 
+mod budget;
 pub mod client;
 mod copy;
 mod headers;
@@ -24,8 +25,14 @@ mod stream;
 
 use std::time::Duration;
 
-pub use client::{ConnectRequest, Pool, PoolKey, PoolStats, SocketFactory, TcpSocketFactory};
-pub use copy::{CopyCounters, CopyResult, Splice, copy_bidirectional};
+pub use budget::{CopyBudget, DEFAULT_COPY_BUFFER_BUDGET, Grant};
+pub use client::{
+    ConnectRequest, FIRST_DATA_MAX, Pool, PoolKey, PoolStats, SocketFactory, TcpSocketFactory,
+};
+pub use copy::{
+    CONNECTION_COPY_CAP, CopyCounters, CopyResult, INITIAL_CHUNK, MAX_CHUNK, SEND_BUFFER, Splice,
+    copy_bidirectional,
+};
 pub use headers::{
     AuthorityError, BAGGAGE, Baggage, TRACEPARENT, TraceParent, forwarded_for, forwarded_header,
     forwarded_host, parse_authority,

@@ -142,7 +142,8 @@ where
         .max_frame_size(cfg.max_frame_size)
         // CONNECT requests carry a handful of headers.
         .max_header_list_size(64 * 1024)
-        .max_send_buffer_size(400 * 1024)
+        // A few chunks per stream: see `SEND_BUFFER`.
+        .max_send_buffer_size(super::SEND_BUFFER)
         .max_concurrent_streams(cfg.server_max_concurrent_streams)
         .handshake::<_, Bytes>(io);
     // h2 waits for the client preface without a deadline and keepalive

@@ -13,7 +13,7 @@ mod xds;
 
 use prometheus_client::registry::Registry;
 
-pub use limits::{ConnectionTableMetrics, ListenerLabel};
+pub use limits::{ConnectionTableMetrics, CopyBufferMetrics, ListenerLabel};
 pub use traffic::{
     ConnectionOpen, ConnectionRecorder, Peer, Reporter, ResponseFlags, SecurityPolicy,
     TrafficLabels, TrafficMetrics,
@@ -48,6 +48,9 @@ impl Metrics {
         registry.register_collector(Box::new(xds.clone()));
         let connections =
             ConnectionTableMetrics::register(registry.sub_registry_with_prefix("sidetunnel"));
+        registry.register_collector(Box::new(CopyBufferMetrics::new(
+            crate::hbone::CopyBudget::global(),
+        )));
         Metrics {
             registry,
             traffic,

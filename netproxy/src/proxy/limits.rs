@@ -6,8 +6,10 @@
 //! when the table is full a new connection is refused at once (TCP reset,
 //! or `503` for an HBONE stream) while open ones are untouched.
 //! Together with the per-connection buffer bounds (HTTP/2 windows, copy
-//! chunks) this caps the proxy's memory: a pod under a connection flood
-//! degrades by refusing, not by being OOM-killed with every connection.
+//! chunks) and the process-wide budget for grown copy buffers
+//! (`hbone::CopyBudget`, `--copy-buffer-budget`) this caps the proxy's
+//! memory: a pod under a connection flood degrades by refusing, not by
+//! being OOM-killed with every connection.
 //!
 //! Refusals are counted per listener (`sidetunnel_connections_refused_total`)
 //! and logged at most once per [`LOG_INTERVAL`] with the count since the

@@ -77,6 +77,9 @@ impl ProxyInputs {
         };
         let connections =
             ConnectionTable::new(cfg.limits.max_connections, metrics.connections.clone());
+        // Process-wide: it bounds the memory of all copies together.
+        crate::hbone::CopyBudget::global()
+            .set_limit(usize::try_from(cfg.limits.copy_buffer_budget).unwrap_or(usize::MAX));
         let sockets = Arc::new(MarkedSockets {
             mark: cfg.mark,
             timeout: cfg.connect_timeout,

@@ -8,11 +8,12 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use bytes::Bytes;
 use tokio::net::TcpStream;
 
 use super::route::{self, Upstream};
 use super::{Drain, ProxyInputs, socket};
-use crate::hbone::{Baggage, ConnectRequest, copy_bidirectional};
+use crate::hbone::{Baggage, ConnectRequest, FIRST_DATA_MAX, copy_bidirectional};
 use crate::metrics::{
     ConnectionOpen, ConnectionRecorder, Peer, Reporter, ResponseFlags, SecurityPolicy,
     TrafficMetrics,
@@ -157,7 +158,18 @@ pub(super) async fn handle(
                 baggage: source.as_deref().map(baggage),
                 traceparent: None,
             };
-            let mut tunnel = match pi.pool.connect(connect_to, &identities, &req).await {
+            let first = match already_sent(&app) {
+                Ok(b) => b,
+                Err(e) => {
+                    socket::reset(app);
+                    return rec.finish(ResponseFlags::ConnectionFailure, Some(&e));
+                }
+            };
+            let sent_first = first.len() as u64;
+            let connect = pi
+                .pool
+                .connect_with_data(connect_to, &identities, &req, first);
+            let mut tunnel = match connect.await {
                 Ok((t, _peer)) => t,
                 Err(e) => {
                     socket::reset(app);
@@ -168,8 +180,25 @@ pub(super) async fn handle(
             if r.error.is_some() {
                 tunnel.reset();
             }
-            finish_copy(rec, r.a_to_b, r.b_to_a, r.error);
+            finish_copy(rec, sent_first + r.a_to_b, r.b_to_a, r.error);
         }
+    }
+}
+
+/// What the app has already written (clients usually send their request
+/// right after `connect`), without waiting: it travels with the CONNECT
+/// headers (see [`crate::hbone::Pool::connect_with_data`]). Empty when
+/// nothing is there yet or the app already half-closed (the splice then
+/// reads the EOF again).
+fn already_sent(app: &TcpStream) -> std::io::Result<Bytes> {
+    // On the heap, not the stack: the compiler may lay a stack array out
+    // in the connection task's future, which lives as long as the
+    // connection.
+    let mut buf = Vec::with_capacity(FIRST_DATA_MAX);
+    match app.try_read_buf(&mut buf) {
+        Ok(_) => Ok(Bytes::copy_from_slice(&buf)),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(Bytes::new()),
+        Err(e) => Err(e),
     }
 }
 

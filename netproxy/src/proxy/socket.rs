@@ -133,12 +133,13 @@ pub async fn connect(
 }
 
 fn new_socket(dst: SocketAddr, mark: u32) -> io::Result<Socket> {
-    let s = Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP))?;
+    // Non-blocking from `socket(2)` on: two fewer syscalls per connection.
+    let ty = Type::STREAM.nonblocking();
+    let s = Socket::new(Domain::for_address(dst), ty, Some(Protocol::TCP))?;
     if mark != 0 {
         s.set_mark(mark)?;
     }
     s.set_tcp_nodelay(true)?;
-    s.set_nonblocking(true)?;
     Ok(s)
 }
 

@@ -66,36 +66,19 @@ fn xds(names: &[String], ks: &[usize]) -> Result<()> {
         .iter()
         .map(|n| Scenario::by_name(n).with_context(|| format!("unknown scenario {n:?} (A, B, C)")))
         .collect::<Result<Vec<_>>>()?;
-    crate::step("building release binaries (sidetunnel-meshd, sidetunnel-proxy, xds_probe)");
-    crate::cargo(&["build", "--release", "-p", "sidetunnel-meshd", "--bins"])?;
+    // The shipped (static) binaries, and the probe built the same way.
+    let bins = crate::dist::build(&["netproxy:xds_probe".to_string()])?;
     let proxy_missing = proxy::unavailable();
     if let Some(why) = proxy_missing {
         eprintln!("(not measuring sidetunnel-proxy's memory: {why})");
-    } else {
-        crate::cargo(&[
-            "build",
-            "--release",
-            "-p",
-            "netproxy",
-            "--bin",
-            "sidetunnel-proxy",
-        ])?;
     }
-    crate::cargo(&[
-        "build",
-        "--release",
-        "-p",
-        "netproxy",
-        "--example",
-        "xds_probe",
-    ])?;
     let target = target_dir();
     let paths = Paths {
-        meshd: target.join("release/sidetunnel-meshd"),
-        probe: target.join("release/examples/xds_probe"),
+        meshd: bins.join("sidetunnel-meshd"),
+        probe: bins.join("examples/xds_probe"),
         proxy: proxy_missing
             .is_none()
-            .then(|| target.join("release/sidetunnel-proxy")),
+            .then(|| bins.join("sidetunnel-proxy")),
         work: target.join("bench/xds"),
     };
     let mut results = Vec::new();

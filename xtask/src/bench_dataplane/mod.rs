@@ -48,7 +48,8 @@ pub struct Args {
     /// `--proxy-arg=--worker-threads=1`.
     #[arg(long = "proxy-arg", allow_hyphen_values = true)]
     proxy_args: Vec<String>,
-    /// Use the binaries in this directory instead of building release ones.
+    /// Use the binaries in this directory instead of building the shipped
+    /// ones (`cargo xtask dist`).
     #[arg(long)]
     bin_dir: Option<PathBuf>,
     /// Run only these workloads (comma-separated; default: all), e.g.
@@ -134,19 +135,7 @@ pub fn run(args: &Args) -> Result<()> {
     }
     let bin_dir = match &args.bin_dir {
         Some(d) => d.clone(),
-        None => {
-            crate::step("building release binaries (sidetunnel-proxy, sidetunnel-meshd)");
-            crate::cargo(&[
-                "build",
-                "--release",
-                "-p",
-                "netproxy",
-                "-p",
-                "sidetunnel-meshd",
-                "--bins",
-            ])?;
-            crate::bench::target_dir().join("release")
-        }
+        None => crate::dist::build(&[])?,
     };
     let report = bench(&plan, &bin_dir)?;
     let out = crate::bench::target_dir().join("bench");
@@ -270,7 +259,7 @@ mod tests {
         assert!(!some.runs_workload(Workload::Bulk10));
     }
 
-    /// The CI smoke run: the quick bench with the debug binaries produces
+    /// The CI smoke run: the quick bench with the shipped binaries produces
     /// the table and a JSON line whose measures are all present and
     /// non-zero. No thresholds: timing belongs to the full bench.
     #[test]
@@ -283,7 +272,13 @@ mod tests {
         {
             return;
         }
-        let report = bench(&Plan::quick(), &bins::dir()).expect("quick bench");
+        // The shipped (static, release) binaries when `cargo xtask test`
+        // built them, else this profile's.
+        let dir = std::env::var_os(crate::dist::DIR_ENV)
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(bins::dir);
+        eprintln!("quick bench with the binaries in {}", dir.display());
+        let report = bench(&Plan::quick(), &dir).expect("quick bench");
         let md = &report.markdown;
         for row in [
             "| measure | direct |",
