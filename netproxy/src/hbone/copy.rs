@@ -503,6 +503,21 @@ mod tests {
         assert_eq!(counters.a_to_b.load(Ordering::Relaxed), data.len() as u64);
     }
 
+    /// `AsyncRead` for a test double read only through `poll_read_chunk`.
+    macro_rules! chunk_reads_only {
+        ($t:ty) => {
+            impl AsyncRead for $t {
+                fn poll_read(
+                    self: Pin<&mut Self>,
+                    _cx: &mut Context<'_>,
+                    _buf: &mut ReadBuf<'_>,
+                ) -> Poll<io::Result<()>> {
+                    unreachable!("reads go through poll_read_chunk")
+                }
+            }
+        };
+    }
+
     /// Reads whole chunks from a queue (gathering, like an HBONE stream)
     /// and records the writes made to it.
     #[derive(Default)]
@@ -513,15 +528,7 @@ mod tests {
         calls: Vec<usize>,
     }
 
-    impl AsyncRead for Recorder {
-        fn poll_read(
-            self: Pin<&mut Self>,
-            _cx: &mut Context<'_>,
-            _buf: &mut ReadBuf<'_>,
-        ) -> Poll<io::Result<()>> {
-            unreachable!("reads go through poll_read_chunk")
-        }
-    }
+    chunk_reads_only!(Recorder);
 
     impl AsyncWrite for Recorder {
         fn poll_write(
@@ -594,15 +601,7 @@ mod tests {
         }
     }
 
-    impl AsyncRead for Filler {
-        fn poll_read(
-            self: Pin<&mut Self>,
-            _cx: &mut Context<'_>,
-            _buf: &mut ReadBuf<'_>,
-        ) -> Poll<io::Result<()>> {
-            unreachable!("reads go through poll_read_chunk")
-        }
-    }
+    chunk_reads_only!(Filler);
 
     impl AsyncWrite for Filler {
         fn poll_write(
