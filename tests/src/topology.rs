@@ -11,6 +11,7 @@
 //! `ip`. Everything is torn down on drop: processes, then namespaces.
 
 mod node;
+pub mod ztunnel;
 
 use std::collections::BTreeSet;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
@@ -107,6 +108,12 @@ pub struct Options {
     pub drain_grace: String,
     /// Also attach host X ([`X_IP`]): outside the mesh, no proxy.
     pub outside_host: bool,
+    /// Run this ztunnel binary instead of `sidetunnel-proxy` ([`ztunnel`])
+    /// in both pods, or only in `ztunnel_only_in`.
+    pub ztunnel: Option<PathBuf>,
+    pub ztunnel_only_in: Option<Pod>,
+    /// Extra `KEY=VALUE` environment for ztunnel.
+    pub ztunnel_env: Vec<String>,
 }
 
 impl Options {
@@ -120,6 +127,9 @@ impl Options {
             exclude_inbound_ports: BTreeSet::new(),
             drain_grace: "1s".into(),
             outside_host: false,
+            ztunnel: None,
+            ztunnel_only_in: None,
+            ztunnel_env: Vec::new(),
         }
     }
 }
@@ -363,10 +373,39 @@ impl PodPair {
 
     fn spawn_proxy(&mut self, pod: Pod) -> Result<()> {
         let d = self.mesh.dir();
+        let log = d.join(format!("{}-proxy.log", pod.name()));
+        let mut cmd = match &self.opts.ztunnel {
+            Some(bin) if self.opts.ztunnel_only_in.is_none_or(|p| p == pod) => ztunnel::command(
+                &ztunnel::Setup {
+                    bin,
+                    control_plane: self.cp,
+                    root_cert: &self.mesh.root_cert(),
+                    token: &self.tokens[pod.index()],
+                    log_level: &self.opts.log_level,
+                    env: &self.opts.ztunnel_env,
+                },
+                pod,
+            )?,
+            _ => self.sidetunnel_command(pod),
+        };
+        // ztunnel logs to stdout, ours to stderr.
+        let out = std::fs::File::create(&log)?;
+        cmd.stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out);
+        let program = cmd.get_program().to_string_lossy().into_owned();
+        let child = self
+            .ns(pod)
+            .run(move || cmd.spawn())
+            .with_context(|| format!("spawning {program}"))?;
+        self.proxies[pod.index()] = Some(Proc { child, log });
+        Ok(())
+    }
+
+    fn sidetunnel_command(&self, pod: Pod) -> Command {
         let sock = self.admin_socket(pod);
         // A previous instance killed without draining leaves its socket.
         let _ = std::fs::remove_file(&sock);
-        let log = d.join(format!("{}-proxy.log", pod.name()));
         let mut cmd = Command::new(self.opts.bin_dir.join("sidetunnel-proxy"));
         cmd.arg("run")
             .args(["--pod-namespace", pod.namespace(), "--pod-name", pod.name()])
@@ -394,15 +433,7 @@ impl PodPair {
         if pod == Pod::B {
             cmd.args(&self.opts.b_args);
         }
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log)?);
-        let child = self
-            .ns(pod)
-            .run(move || cmd.spawn())
-            .context("spawning sidetunnel-proxy")?;
-        self.proxies[pod.index()] = Some(Proc { child, log });
-        Ok(())
+        cmd
     }
 
     /// Polls the proxy's `/healthz/ready` from the node every millisecond

@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
-use sidetunnel_tests::topology::{Options, PodPair};
+use sidetunnel_tests::topology::{Options, Pod, PodPair};
 
 pub use report::Report;
 use workloads::{Bench, Route};
@@ -56,6 +56,25 @@ pub struct Args {
     /// `--only bulk1,rr,cpr` for a quick A/B comparison of two builds.
     #[arg(long, value_delimiter = ',')]
     only: Vec<Workload>,
+    /// Run this ztunnel binary (built from istio/ztunnel) instead of
+    /// sidetunnel-proxy: same wire, same meshd, same redirection.
+    #[arg(long, value_name = "PATH")]
+    ztunnel: Option<PathBuf>,
+    /// Only this pod runs ztunnel, the other sidetunnel (HBONE interop).
+    #[arg(long, value_name = "a|b", requires = "ztunnel", value_parser = parse_pod)]
+    ztunnel_only_in: Option<Pod>,
+    /// Environment for ztunnel (repeatable), e.g.
+    /// `--ztunnel-env ZTUNNEL_WORKER_THREADS=1`.
+    #[arg(long, value_name = "KEY=VALUE", requires = "ztunnel")]
+    ztunnel_env: Vec<String>,
+}
+
+fn parse_pod(s: &str) -> Result<Pod, String> {
+    match s {
+        "a" | "A" => Ok(Pod::A),
+        "b" | "B" => Ok(Pod::B),
+        _ => Err(format!("{s:?} is not a pod: a or b")),
+    }
 }
 
 /// The load rounds' workloads (memory and start-up measures always run).
@@ -89,6 +108,10 @@ pub struct Plan {
     pub logs: Option<PathBuf>,
     /// Workloads to run; empty = all.
     pub only: Vec<Workload>,
+    /// ztunnel in place of sidetunnel-proxy (binary, only in, environment).
+    pub ztunnel: Option<PathBuf>,
+    pub ztunnel_only_in: Option<Pod>,
+    pub ztunnel_env: Vec<String>,
 }
 
 impl Plan {
@@ -108,6 +131,9 @@ impl Plan {
             proxy_args: Vec::new(),
             logs: None,
             only: Vec::new(),
+            ztunnel: None,
+            ztunnel_only_in: None,
+            ztunnel_env: Vec::new(),
         }
     }
 }
@@ -124,12 +150,18 @@ pub fn run(args: &Args) -> Result<()> {
         proxy_args: args.proxy_args.clone(),
         logs: Some(crate::bench::target_dir().join("bench/dataplane-logs")),
         only: args.only.clone(),
+        ztunnel: args.ztunnel.clone(),
+        ztunnel_only_in: args.ztunnel_only_in,
+        ztunnel_env: args.ztunnel_env.clone(),
     };
     if args.quick {
         plan = Plan {
             proxy_args: plan.proxy_args,
             logs: plan.logs,
             only: plan.only,
+            ztunnel: plan.ztunnel,
+            ztunnel_only_in: plan.ztunnel_only_in,
+            ztunnel_env: plan.ztunnel_env,
             ..Plan::quick()
         };
     }
@@ -184,6 +216,9 @@ pub fn bench(plan: &Plan, bin_dir: &Path) -> Result<Report> {
     let load_start = loadavg();
     let mut opts = Options::new(bin_dir);
     opts.proxy_args = plan.proxy_args.clone();
+    opts.ztunnel = plan.ztunnel.clone();
+    opts.ztunnel_only_in = plan.ztunnel_only_in;
+    opts.ztunnel_env = plan.ztunnel_env.clone();
     opts.exclude_outbound_ports = [workloads::IPERF_DIRECT_PORT].into();
     opts.exclude_inbound_ports = workloads::DIRECT_PORTS.into();
     crate::step("starting meshd, pods A and B with their proxies");
@@ -216,6 +251,8 @@ pub fn bench(plan: &Plan, bin_dir: &Path) -> Result<Report> {
         "bulk_secs": plan.bulk.as_secs_f64(),
         "latency_secs": plan.latency.as_secs_f64(),
         "proxy_args": plan.proxy_args,
+        "proxy": proxies_label(plan),
+        "ztunnel_env": plan.ztunnel_env,
         "only": plan.only.iter().map(|w| format!("{w:?}").to_lowercase()).collect::<Vec<_>>(),
         "iperf3": iperf3,
         "nproc": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
@@ -227,6 +264,20 @@ pub fn bench(plan: &Plan, bin_dir: &Path) -> Result<Report> {
         "commit": crate::bench::git_head(),
     });
     Ok(report::build(plan, &samples, meta))
+}
+
+/// What A and B run, e.g. `sidetunnel → ztunnel`.
+pub fn proxies_label(plan: &Plan) -> String {
+    let runs_ztunnel =
+        |pod: Pod| plan.ztunnel.is_some() && plan.ztunnel_only_in.is_none_or(|p| p == pod);
+    let name = |pod| {
+        if runs_ztunnel(pod) {
+            "ztunnel"
+        } else {
+            "sidetunnel"
+        }
+    };
+    format!("{} → {}", name(Pod::A), name(Pod::B))
 }
 
 /// The 1, 5 and 15 minute load averages: the machine is shared, so every

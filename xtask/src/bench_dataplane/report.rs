@@ -325,7 +325,8 @@ pub fn build(plan: &Plan, samples: &Samples, meta: Value) -> Report {
     };
     let _ = writeln!(
         md,
-        "\n### Data plane: through two sidetunnel proxies vs direct (medians of {} run{})\n",
+        "\n### Data plane: through two proxies ({}) vs direct (medians of {} run{})\n",
+        super::proxies_label(plan),
         plan.runs,
         if plan.runs == 1 { "" } else { "s" }
     );
