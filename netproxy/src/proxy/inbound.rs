@@ -80,12 +80,12 @@ pub(super) async fn handle(
 /// When the two certificates that authenticated one HBONE connection
 /// expire (`None`: unknown, treated as expired).
 #[derive(Debug, Clone, Copy)]
-struct CertExpiry {
+pub(super) struct CertExpiry {
     own: Option<SystemTime>,
     peer: Option<SystemTime>,
 }
 
-async fn serve_stream(
+pub(super) async fn serve_stream(
     pi: Arc<ProxyInputs>,
     req: InboundRequest,
     peer: SocketAddr,

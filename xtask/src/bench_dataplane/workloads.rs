@@ -33,7 +33,7 @@ const REQUEST: usize = 1024;
 /// Request rate of the paced run (istio.io reports cost per 1000 req/s).
 pub const PACED_RATE: f64 = 1000.0;
 /// Idle connections held open to measure memory per proxied connection.
-const IDLE_CONNS: usize = 200;
+const IDLE_CONNS: usize = 1000;
 const RSS_SAMPLE: Duration = Duration::from_millis(50);
 
 /// Which way A's traffic goes to B.
