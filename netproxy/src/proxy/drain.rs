@@ -48,6 +48,12 @@ impl Drain {
     where
         F: Future<Output = ()> + Send + 'static,
     {
+        // Boxed: an async block that captures a future and then awaits it
+        // holds it twice (the captured value and the awaited one; rustc
+        // does not overlap them), and connection tasks live as long as
+        // their connection. Unboxed, two such layers made every outbound
+        // task 11.4 KiB for a 2.8 KiB connection future.
+        let fut = Box::pin(fut);
         let force = self.force.clone();
         self.tracker.track_future(async move {
             tokio::select! {
@@ -121,5 +127,21 @@ mod tests {
         let t = std::time::Instant::now();
         assert_eq!(d.shutdown(Duration::from_secs(30)).await, 0);
         assert!(t.elapsed() < Duration::from_secs(5));
+    }
+
+    /// A tracked connection holds its future once, behind a pointer: the
+    /// wrapper's own size does not grow with the connection's state.
+    #[test]
+    fn tracking_does_not_copy_the_connection_state() {
+        let d = Drain::new();
+        let big = [7u8; 8192];
+        let fut = async move {
+            tokio::task::yield_now().await;
+            std::hint::black_box(&big);
+        };
+        assert!(std::mem::size_of_val(&fut) >= 8192);
+        let tracked = d.track(fut);
+        let size = std::mem::size_of_val(&tracked);
+        assert!(size < 1024, "tracked future is {size} bytes");
     }
 }

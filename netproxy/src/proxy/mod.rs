@@ -271,7 +271,9 @@ impl Accept {
                 continue;
             };
             let _ = stream.set_nodelay(true);
-            let conn = handler(stream, socket::canonical(peer), drain.clone());
+            // Boxed so the slot's wrapper does not hold the connection's
+            // future twice (see `Drain::track`).
+            let conn = Box::pin(handler(stream, socket::canonical(peer), drain.clone()));
             drain.spawn(async move {
                 let _slot = slot;
                 conn.await
