@@ -312,10 +312,11 @@ mod tests {
 
     /// A connection task's future is allocated once and held for the
     /// connection's whole life, so its size is a floor of the memory every
-    /// idle proxied connection costs. Setup steps (dialing, the CONNECT
-    /// exchange, on-demand lookups, connecting to the app) are boxed so
-    /// their state is freed once the splice runs; unboxed, the outbound
-    /// future was 6.8 KiB in release (4.6 KiB of it the HBONE connect).
+    /// idle proxied connection costs. The outbound setup steps (on-demand
+    /// lookup, passthrough connect, HBONE dial and CONNECT exchange) are
+    /// boxed so their state is freed once the splice runs; unboxed, the
+    /// outbound future was 6.8 KiB in release (4.6 KiB of it the HBONE
+    /// connect). See also `drain::tests`.
     #[test]
     fn connection_futures_stay_small() {
         let sizes = [
