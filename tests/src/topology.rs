@@ -303,6 +303,33 @@ impl PodPair {
         Ok(body)
     }
 
+    /// Polls a proxy's metrics until a sample of `series` carries every
+    /// label in `labels` (`name="value"`); the last scrape when it does
+    /// not within `timeout`.
+    pub fn wait_for_series(
+        &self,
+        pod: Pod,
+        series: &str,
+        labels: &[String],
+        timeout: Duration,
+    ) -> Result<(), String> {
+        let deadline = Instant::now() + timeout;
+        let prefix = format!("{series}{{");
+        loop {
+            let m = self.metrics(pod).map_err(|e| e.to_string())?;
+            let found = m
+                .lines()
+                .any(|l| l.starts_with(&prefix) && labels.iter().all(|w| l.contains(w.as_str())));
+            if found {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(m);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// HTTP/1.0 GET from the node namespace: (status, body).
     pub fn http_get(&self, addr: SocketAddrV4, path: &str) -> Result<(u16, String)> {
         self.node
@@ -519,23 +546,15 @@ mod tests {
             .unwrap_or_else(|e| panic!("{e}\n{}", pair.logs()));
         assert!(!l.samples_ns.is_empty());
         drop(c);
-        let deadline = Instant::now() + WAIT;
         let want = [
             format!("source_principal=\"{A_ID}\""),
             format!("destination_principal=\"{B_ID}\""),
             "connection_security_policy=\"mutual_tls\"".to_string(),
         ];
-        loop {
-            let m = pair.metrics(Pod::B).unwrap();
-            let closed = m.lines().any(|l| {
-                l.starts_with("istio_tcp_connections_closed_total{")
-                    && want.iter().all(|w| l.contains(w.as_str()))
-            });
-            if closed {
-                break;
-            }
-            assert!(Instant::now() < deadline, "no mTLS connection on B:\n{m}");
-            std::thread::sleep(Duration::from_millis(100));
+        if let Err(m) =
+            pair.wait_for_series(Pod::B, "istio_tcp_connections_closed_total", &want, WAIT)
+        {
+            panic!("no mTLS connection on B:\n{m}");
         }
         let x = pair.outside().expect("host X");
         let x_app: SocketAddr = SocketAddrV4::new(X_IP, 9000).into();

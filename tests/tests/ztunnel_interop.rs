@@ -14,7 +14,7 @@
 use std::io::{Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, SocketAddrV4, TcpListener};
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use sidetunnel_tests::topology::{A_ID, A_IP, APP_PORT, B_ID, B_IP, Options, Pod, PodPair};
 use sidetunnel_tests::{bins, load, prereq};
@@ -96,22 +96,12 @@ fn interop(test: &str, ztunnel_in: Pod) {
     for (pod, reporter) in [(Pod::B, "destination"), (Pod::A, "source")] {
         let mut want = mtls.to_vec();
         want.push(format!("reporter=\"{reporter}\""));
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let m = pair.metrics(pod).unwrap();
-            let counted = m.lines().any(|l| {
-                l.starts_with("istio_tcp_connections_opened_total{")
-                    && want.iter().all(|w| l.contains(w.as_str()))
-            });
-            if counted {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
+        if let Err(m) = pair.wait_for_series(pod, "istio_tcp_connections_opened_total", &want, WAIT)
+        {
+            panic!(
                 "proxy {} did not count the mTLS connection ({want:?}):\n{m}",
                 pod.name()
             );
-            std::thread::sleep(Duration::from_millis(100));
         }
     }
 }
