@@ -117,6 +117,11 @@ pub struct Options {
 }
 
 impl Options {
+    /// Whether `pod` runs ztunnel rather than `sidetunnel-proxy`.
+    pub fn runs_ztunnel(&self, pod: Pod) -> bool {
+        self.ztunnel.is_some() && self.ztunnel_only_in.is_none_or(|p| p == pod)
+    }
+
     pub fn new(bin_dir: impl Into<PathBuf>) -> Options {
         Options {
             bin_dir: bin_dir.into(),
@@ -402,7 +407,7 @@ impl PodPair {
         let d = self.mesh.dir();
         let log = d.join(format!("{}-proxy.log", pod.name()));
         let mut cmd = match &self.opts.ztunnel {
-            Some(bin) if self.opts.ztunnel_only_in.is_none_or(|p| p == pod) => ztunnel::command(
+            Some(bin) if self.opts.runs_ztunnel(pod) => ztunnel::command(
                 &ztunnel::Setup {
                     bin,
                     control_plane: self.cp,

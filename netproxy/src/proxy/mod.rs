@@ -30,6 +30,7 @@ use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::FutureExt as _;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{info, warn};
 
@@ -271,13 +272,11 @@ impl Accept {
                 continue;
             };
             let _ = stream.set_nodelay(true);
-            // Boxed so the slot's wrapper does not hold the connection's
-            // future twice (see `Drain::track`).
-            let conn = Box::pin(handler(stream, socket::canonical(peer), drain.clone()));
-            drain.spawn(async move {
-                let _slot = slot;
-                conn.await
-            });
+            // A combinator, not an async block, so the connection's future
+            // is held once (see `Drain::track`); the slot is released when
+            // the connection ends or is cut.
+            let conn = handler(stream, socket::canonical(peer), drain.clone());
+            drain.spawn(conn.map(move |()| drop(slot)));
         }
         // Dropping the listener closes the port: new connections are refused
         // (the ruleset then resets redirected ones) while open ones drain.

@@ -222,6 +222,7 @@ pub fn bench(plan: &Plan, bin_dir: &Path) -> Result<Report> {
     opts.exclude_outbound_ports = [workloads::IPERF_DIRECT_PORT].into();
     opts.exclude_inbound_ports = workloads::DIRECT_PORTS.into();
     crate::step("starting meshd, pods A and B with their proxies");
+    let proxies = proxies_label(&opts);
     let pair = PodPair::start(opts)?;
     let mut b = Bench::new(pair, plan)?;
     let mut samples = Samples::new();
@@ -251,7 +252,7 @@ pub fn bench(plan: &Plan, bin_dir: &Path) -> Result<Report> {
         "bulk_secs": plan.bulk.as_secs_f64(),
         "latency_secs": plan.latency.as_secs_f64(),
         "proxy_args": plan.proxy_args,
-        "proxy": proxies_label(plan),
+        "proxy": proxies,
         "ztunnel_env": plan.ztunnel_env,
         "only": plan.only.iter().map(|w| format!("{w:?}").to_lowercase()).collect::<Vec<_>>(),
         "iperf3": iperf3,
@@ -267,15 +268,10 @@ pub fn bench(plan: &Plan, bin_dir: &Path) -> Result<Report> {
 }
 
 /// What A and B run, e.g. `sidetunnel → ztunnel`.
-pub fn proxies_label(plan: &Plan) -> String {
-    let runs_ztunnel =
-        |pod: Pod| plan.ztunnel.is_some() && plan.ztunnel_only_in.is_none_or(|p| p == pod);
-    let name = |pod| {
-        if runs_ztunnel(pod) {
-            "ztunnel"
-        } else {
-            "sidetunnel"
-        }
+fn proxies_label(opts: &Options) -> String {
+    let name = |pod| match opts.runs_ztunnel(pod) {
+        true => "ztunnel",
+        false => "sidetunnel",
     };
     format!("{} → {}", name(Pod::A), name(Pod::B))
 }

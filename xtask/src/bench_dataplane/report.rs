@@ -326,7 +326,7 @@ pub fn build(plan: &Plan, samples: &Samples, meta: Value) -> Report {
     let _ = writeln!(
         md,
         "\n### Data plane: through two proxies ({}) vs direct (medians of {} run{})\n",
-        super::proxies_label(plan),
+        meta["proxy"].as_str().unwrap_or("?"),
         plan.runs,
         if plan.runs == 1 { "" } else { "s" }
     );
