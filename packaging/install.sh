@@ -148,6 +148,12 @@ printf '%s\n' "$section" | grep -q "^ConfigPath = \"$config_dir/config.toml\"\$"
   die "the sidetunnel runtime lacks ConfigPath = $config_dir/config.toml in containerd's merged config"
 say "containerd config OK: runtime handler sidetunnel -> io.containerd.sidetunnel.v1"
 
+# 6. The proxy uid can execute the configured proxy binary, checked by the
+# shim with the launcher's own code (open as root, exec as the proxy uid).
+check=$("$prefix/bin/$SHIM" check-proxy "$config_dir/config.toml" 2>&1) ||
+  die "pods would fail to start: ${check#check-proxy: }"
+say "proxy OK: ${check#check-proxy: }"
+
 case "$prefix/bin" in
   /usr/local/sbin|/usr/local/bin|/usr/sbin|/usr/bin|/sbin|/bin) ;;
   *) say "warning: $prefix/bin is not on the default PATH of containerd's service; containerd 1.6 finds the shim only on its PATH" ;;

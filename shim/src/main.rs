@@ -38,6 +38,7 @@ containerd starts it; it is not meant to be run by hand.
 Usage:
   {argv0} -v | --version             print version and runtime type
   {argv0} -h | --help                this text
+  {argv0} check-proxy [CONFIG]       can the proxy uid execute the node config's proxy binary?
   {argv0} [containerd shim flags] start|delete
         -namespace NS -address SOCK -publish-binary BIN -id ID [-bundle DIR] [-debug]
 
@@ -55,6 +56,7 @@ fn main() {
     match args.get(1).map(String::as_str) {
         Some(sandbox::launch::ARG) => sandbox::launch::main(),
         Some(sandbox::helper::ARG) => sandbox::helper::main(&args[2..]),
+        Some(sandbox::launch::CHECK_ARG) => sandbox::launch::check_main(&args[2..]),
         Some("-h" | "-help" | "--help") => {
             print!("{}", usage(&args[0]));
             return;

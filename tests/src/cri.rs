@@ -11,14 +11,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use hyper_util::rt::TokioIo;
-use k8s_cri::v1 as cri;
-use k8s_cri::v1::image_service_client::ImageServiceClient;
-use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
+use sidetunnel_cri_api::v1 as cri;
+use sidetunnel_cri_api::v1::image_service_client::ImageServiceClient;
+use sidetunnel_cri_api::v1::runtime_service_client::RuntimeServiceClient;
 use tokio::net::UnixStream;
 use tonic::transport::{Channel, Endpoint, Uri};
 
 pub use config::{ContainerSpec, PodConfig, new_uid};
-pub use k8s_cri::v1 as api;
+pub use sidetunnel_cri_api::v1 as api;
 
 /// Bound for calls that start processes (sandbox creation runs CNI and,
 /// with sidetunnel, waits for the proxy).

@@ -7,9 +7,15 @@
 //! (they keep networking, containerd re-attaches to the shim and receives
 //! its events, deletes clean up), and the shim killed (containerd's
 //! delete-after-crash path removes the proxy, the rules and the files).
+//!
+//! And the proxy binary's place on the node (issue 24): a proxy under a
+//! directory only root may search (a build in a 0700 home) still runs, and
+//! one the proxy uid may not execute fails RunPodSandbox at once, naming the
+//! binary, the uid and the errno.
 
 mod shim_support;
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -20,7 +26,7 @@ use shim_support::{
 };
 use sidetunnel_tests::cri::api::ContainerState;
 use sidetunnel_tests::cri::{ContainerSpec, Cri};
-use sidetunnel_tests::image;
+use sidetunnel_tests::{bins, image};
 
 const TEST: &str = "shim_faults";
 const NS: &str = "faults";
@@ -34,6 +40,75 @@ async fn sidetunnel_pods_survive_and_clean_up_after_faults() -> Result<()> {
         proxy_killed_repeatedly_under_traffic(c, &mut cri, &pair).await?;
         let cri = containerd_restarted_while_pods_run(c, &pair).await?;
         shim_killed(c, cri).await
+    })
+    .await
+}
+
+/// The proxy uid of the harness's node config (the shim's default).
+const PROXY_UID: u32 = 15000;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_binary_in_a_private_directory_or_unexecutable() -> Result<()> {
+    shim_support::run_on_cluster("shim_faults_proxy_binary", async |c| {
+        let mut cri = c.h.cri().await?;
+        let home = tempfile::Builder::new()
+            .prefix("sidetunnel-home-")
+            .tempdir_in("/tmp")?;
+        let private = home.path().join("private");
+        std::fs::create_dir(&private)?;
+        std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700))?;
+        let proxy = private.join("sidetunnel-proxy");
+        std::fs::copy(bins::path("sidetunnel-proxy"), &proxy)?;
+        std::fs::set_permissions(&proxy, std::fs::Permissions::from_mode(0o755))?;
+
+        // Under a 0700 directory: the proxy uid cannot search it, but the
+        // shim opens the binary as root and executes it by descriptor.
+        c.write_node_config(&proxy)?;
+        let config = c.pod_config("private-dir", NS);
+        let pod = c.run_pod(&mut cri, &config, "private-dir").await?;
+        c.wait_ready(&pod, WAIT).await?;
+        cri.stop_pod(pod.id()).await?;
+        cri.remove_pod(pod.id()).await?;
+
+        // Not executable by the proxy uid: RunPodSandbox fails fast, naming
+        // the binary, the uid and the errno; nothing of the pod is left.
+        std::fs::set_permissions(&proxy, std::fs::Permissions::from_mode(0o700))?;
+        let config = c.pod_config("unexecutable", NS);
+        c.mesh
+            .mint_token(&config.namespace, &config.name, &config.uid, "unexecutable")?;
+        let t = Instant::now();
+        let err = match cri.run_pod(&config).await {
+            Ok(p) => bail!(
+                "RunPodSandbox succeeded with an unexecutable proxy: {}",
+                p.id
+            ),
+            Err(e) => format!("{e:#}"),
+        };
+        let took = t.elapsed();
+        eprintln!("RunPodSandbox with an unexecutable proxy failed after {took:?}: {err}");
+        let want = [
+            proxy.display().to_string(),
+            format!("uid {PROXY_UID}"),
+            "EACCES".to_string(),
+        ];
+        for w in &want {
+            ensure!(
+                err.contains(w.as_str()),
+                "the error does not name {w:?}: {err}"
+            );
+        }
+        // Bounded well above the few milliseconds the refusal takes, so a
+        // loaded CI machine does not fail it; a restart loop would never end.
+        ensure!(
+            took < Duration::from_secs(10),
+            "RunPodSandbox took {took:?} to fail"
+        );
+        let left = cri.list_pods().await?;
+        ensure!(
+            left.is_empty(),
+            "sandboxes left after the failed start: {left:?}"
+        );
+        c.assert_no_processes().await
     })
     .await
 }

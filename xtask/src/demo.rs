@@ -8,7 +8,6 @@
 //! prints what the proxies report (identities, mTLS, xDS bytes against a
 //! full WDS of the same mesh, start times, proxy memory), and cleans up.
 
-mod install;
 mod inventory;
 mod report;
 
@@ -93,17 +92,7 @@ pub fn run(args: &DemoArgs) -> Result<()> {
             "the demo needs root (network namespaces, nftables, containerd): run `sudo -E cargo xtask demo`"
         );
     }
-    let missing = install::missing();
-    if !missing.is_empty() {
-        if args.no_install {
-            bail!(
-                "missing Debian packages: {} (apt-get install {0}, or drop --no-install)",
-                missing.join(" ")
-            );
-        }
-        detail(format!("installing {}", missing.join(" ")));
-        install::install(&missing)?;
-    }
+    crate::prereqs::ensure(crate::prereqs::For::Demo, args.no_install)?;
     steps.next("building the workspace binaries");
     if args.no_build {
         detail("skipped (--no-build)");
@@ -170,16 +159,47 @@ async fn demo(args: &DemoArgs, steps: &mut Steps) -> Result<Report> {
         );
         tokio::time::sleep(Duration::from_secs(args.hold_on_failure)).await;
     }
-    if res.is_err() {
+    let cause = res
+        .is_err()
+        .then(|| first_cause(&std::fs::read_to_string(h.log_path()).unwrap_or_default()))
+        .flatten();
+    if res.is_err() && std::env::var_os("SIDETUNNEL_DEMO_LOGS").is_some() {
         eprintln!("--- containerd log tail ---\n{}", h.log_tail(30));
         eprintln!("--- meshd log tail ---\n{}", node.log_tail(20));
     }
     steps.next("cleaning up (pods, containerd, control plane)");
     let down = h.shutdown().await;
     drop(node);
-    let report = res?;
+    let report = match (res, cause) {
+        (Err(e), Some(cause)) => Err(e.context(format!(
+            "first error in the shim's log: {cause} (SIDETUNNEL_DEMO_LOGS=1 prints the log tails)"
+        ))),
+        (res, _) => res,
+    }?;
     down.context("stopping the demo containerd")?;
     Ok(report)
+}
+
+/// The first error the shim (or the proxy launcher, or containerd) wrote to
+/// containerd's log: usually the reason a demo step failed further on.
+fn first_cause(log: &str) -> Option<String> {
+    let shim_error =
+        |l: &str| l.contains(" ERROR sidetunnel") || l.contains(" ERROR containerd_shim");
+    let launcher = |l: &str| l.contains("sidetunnel proxy launcher:");
+    let containerd_error = |l: &str| l.contains("level=error");
+    let found = [
+        &shim_error as &dyn Fn(&str) -> bool,
+        &launcher,
+        &containerd_error,
+    ]
+    .iter()
+    .find_map(|wanted| log.lines().find(|l| wanted(l)))?;
+    // Drop the timestamp and level: the message is what names the cause.
+    let text = found
+        .split_once(" ERROR ")
+        .map_or(found, |(_, rest)| rest)
+        .trim();
+    Some(text.chars().take(400).collect())
 }
 
 async fn with_containerd(
@@ -420,4 +440,28 @@ async fn fetch(cri: &mut Cri, container: &str, addr: SocketAddr) -> Result<Strin
         );
     }
     Ok(out.stdout)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::first_cause;
+
+    #[test]
+    fn first_cause_prefers_the_shims_first_error() {
+        let log = "time=\"x\" level=info msg=\"starting\"\n\
+            time=\"x\" level=error msg=\"RunPodSandbox failed\"\n\
+            2026-12-06T10:00:00Z  INFO sidetunnel::proxy: sidetunnel proxy launcher: exec refused\n\
+            2026-12-06T10:00:00Z ERROR containerd_shim_sidetunnel_v1::sandbox::supervisor: proxy: open proxy binary /x as uid 1: EACCES\n\
+            2026-12-06T10:00:01Z ERROR containerd_shim_sidetunnel_v1::sandbox: later\n";
+        assert_eq!(
+            first_cause(log).unwrap(),
+            "containerd_shim_sidetunnel_v1::sandbox::supervisor: proxy: open proxy binary /x as uid 1: EACCES"
+        );
+        let no_shim = "a\ntime=\"x\" level=error msg=\"boom\"\n";
+        assert_eq!(
+            first_cause(no_shim).unwrap(),
+            "time=\"x\" level=error msg=\"boom\""
+        );
+        assert_eq!(first_cause("all fine\n"), None);
+    }
 }

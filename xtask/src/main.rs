@@ -7,6 +7,7 @@ mod bench_dataplane;
 mod demo;
 mod dist;
 mod fuzz;
+mod prereqs;
 mod soak;
 
 use std::process::Command;
@@ -25,6 +26,10 @@ struct Cli {
 enum Task {
     /// Format check, clippy -D warnings, cargo-deny, build, and every test.
     Test {
+        /// Do not install missing prerequisites (Debian packages,
+        /// cargo-deny, cargo-fuzz): fail naming what is missing.
+        #[arg(long)]
+        no_install: bool,
         /// Extra arguments passed to `cargo test` (e.g. a test-name filter).
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
@@ -47,9 +52,19 @@ enum Task {
     Dist(dist::DistArgs),
 }
 
-fn main() -> Result<()> {
-    match Cli::parse().task {
-        Task::Test { args } => test(&args),
+/// Errors end the process with one line (the error and its causes), never
+/// a backtrace: they are expected failures with a message for the user,
+/// whatever RUST_BACKTRACE says.
+fn main() {
+    if let Err(e) = run(Cli::parse().task) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(task: Task) -> Result<()> {
+    match task {
+        Task::Test { no_install, args } => test(no_install, &args),
         Task::Demo(args) => demo::run(&args),
         Task::Fuzz { task } => fuzz::run(task),
         Task::Bench { task } => bench::run(task),
@@ -58,13 +73,18 @@ fn main() -> Result<()> {
     }
 }
 
+/// The cargo that runs this xtask (`$CARGO`), else `cargo` on PATH.
+fn cargo_bin() -> std::ffi::OsString {
+    std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into())
+}
+
 fn cargo(args: &[&str]) -> Result<()> {
     cargo_with(args, &[])
 }
 
 /// `cargo <args>` with extra environment variables.
 fn cargo_with(args: &[&str], env: &[(&str, &std::ffi::OsStr)]) -> Result<()> {
-    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+    let status = Command::new(cargo_bin())
         .args(args)
         .envs(env.iter().copied())
         .status()
@@ -79,7 +99,9 @@ fn step(name: &str) {
     eprintln!("==> {name}");
 }
 
-fn test(extra: &[String]) -> Result<()> {
+fn test(no_install: bool, extra: &[String]) -> Result<()> {
+    step("prerequisites (Debian packages, cargo-deny, cargo-fuzz)");
+    prereqs::ensure(prereqs::For::Test, no_install)?;
     step("cargo fmt --check");
     cargo(&["fmt", "--all", "--check"])?;
     step("cargo clippy -D warnings");

@@ -166,6 +166,16 @@ impl Sandboxes {
             }
         };
         let proxy = Supervisor::start(plan);
+        // A proxy that can never start fails the sandbox now, naming why,
+        // instead of leaving app containers to wait behind a restart loop.
+        if let Err(f) = proxy.first_start().await {
+            proxy.stop().await;
+            cleanup(&p.paths, Some(&p.netns), Some(&p.redirect)).await;
+            return Err(Error::Sandbox(format!(
+                "pod {name}: the sidetunnel proxy cannot start: {}",
+                f.message
+            )));
+        }
         let pod = Pod {
             readiness_port: p.redirect.readiness_port,
             readiness_path: p.node.proxy.readiness_path.clone(),

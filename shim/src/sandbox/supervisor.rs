@@ -20,7 +20,7 @@ use tokio::task::JoinHandle;
 
 use super::backoff::Backoff;
 use super::crilog::{self, Stream};
-use super::launch::{self, LaunchSpec};
+use super::launch::{self, LaunchFailure, LaunchSpec};
 use super::record::{self, ExitRecord, Paths, Record};
 use crate::runtime::wait_exit;
 
@@ -37,6 +37,8 @@ pub enum ProxyState {
         retry_in: Duration,
     },
     SpawnFailed(String),
+    /// The launcher could not execute the proxy (it exits next).
+    LaunchFailed(LaunchFailure),
     Stopped,
 }
 
@@ -56,6 +58,7 @@ impl fmt::Display for ProxyState {
                 )
             }
             ProxyState::SpawnFailed(e) => write!(f, "failed to start: {e}"),
+            ProxyState::LaunchFailed(e) => write!(f, "failed to start: {}", e.message),
             ProxyState::Stopped => f.write_str("stopped"),
         }
     }
@@ -80,6 +83,10 @@ pub struct Supervisor {
 
 type LogSink = Arc<Mutex<Option<std::fs::File>>>;
 
+/// Bound on the wait for the launcher's report of the first start (it
+/// arrives within milliseconds; past this the restart loop takes over).
+const FIRST_START_WAIT: Duration = Duration::from_secs(10);
+
 impl Supervisor {
     pub fn start(plan: ProxyPlan) -> Supervisor {
         let (state_tx, state) = watch::channel(ProxyState::Starting);
@@ -94,6 +101,26 @@ impl Supervisor {
 
     pub fn current(&self) -> ProxyState {
         self.state.borrow().clone()
+    }
+
+    /// How the first start went: `Err` when the launcher could not execute
+    /// the proxy for a reason a retry cannot fix (see
+    /// [`LaunchFailure::is_permanent`]). Anything else, including a proxy
+    /// that exits later, is left to the restart loop.
+    pub async fn first_start(&self) -> Result<(), LaunchFailure> {
+        let mut rx = self.state.clone();
+        let settled = tokio::time::timeout(
+            FIRST_START_WAIT,
+            rx.wait_for(|s| !matches!(s, ProxyState::Starting)),
+        )
+        .await;
+        match settled {
+            Ok(Ok(s)) => match &*s {
+                ProxyState::LaunchFailed(f) if f.is_permanent() => Err(f.clone()),
+                _ => Ok(()),
+            },
+            _ => Ok(()),
+        }
     }
 
     /// Drains and stops the proxy; returns once it is gone. Idempotent.
@@ -147,23 +174,44 @@ type Spawned = (
     i32,
     containerd_shim::asynchronous::monitor::Subscription,
     tokio::process::Child,
+    tokio::sync::oneshot::Receiver<Option<LaunchFailure>>,
 );
 
 async fn spawn(spec: &LaunchSpec, sink: &LogSink) -> Result<Spawned, String> {
     let exe = std::env::current_exe().map_err(|e| format!("locate shim binary: {e}"))?;
     let json = serde_json::to_string(spec).map_err(|e| e.to_string())?;
+    let (report_rx, report_tx) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
     let sub = monitor_subscribe(Topic::Pid)
         .await
         .map_err(|e| e.to_string())?;
-    let spawned = tokio::process::Command::new(exe)
-        .arg(launch::ARG)
+    let mut cmd = tokio::process::Command::new(exe);
+    cmd.arg(launch::ARG)
         .env_clear()
         .env(launch::ENV, json)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .process_group(0)
-        .spawn();
+        .process_group(0);
+    let report_raw = std::os::fd::AsRawFd::as_raw_fd(&report_tx);
+    // SAFETY: dup2 is async-signal-safe; it places the report pipe's write
+    // end at the launcher's REPORT_FD (without close-on-exec).
+    unsafe {
+        cmd.pre_exec(move || {
+            // dup2 onto itself would keep close-on-exec: clear it instead.
+            let r = if report_raw == launch::REPORT_FD {
+                libc::fcntl(report_raw, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(report_raw, launch::REPORT_FD)
+            };
+            if r < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let spawned = cmd.spawn();
+    drop(report_tx);
     let mut child = match spawned {
         Ok(c) => c,
         Err(e) => {
@@ -178,10 +226,38 @@ async fn spawn(spec: &LaunchSpec, sink: &LogSink) -> Result<Spawned, String> {
     if let Some(e) = child.stderr.take() {
         forward(e, Stream::Stderr, sink.clone());
     }
+    let (outcome_tx, outcome) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("launch-report".into())
+        .spawn(move || {
+            let _ = outcome_tx.send(read_report(report_rx));
+        })
+        .map_err(|e| format!("spawn report reader: {e}"))?;
     // The handle is kept (never waited on) until the monitor reports the
     // exit: a dropped tokio Child joins tokio's orphan reaper, which could
     // collect the status before the shim's reaper and so hide the exit.
-    Ok((pid, sub, child))
+    Ok((pid, sub, child, outcome))
+}
+
+/// Reads the launcher's report pipe to its end: nothing means the proxy was
+/// executed (the close-on-exec write end closed), a line is the failure.
+fn read_report(pipe: std::os::fd::OwnedFd) -> Option<LaunchFailure> {
+    use std::io::Read;
+    let mut text = String::new();
+    let _ = std::fs::File::from(pipe)
+        .take(64 * 1024)
+        .read_to_string(&mut text);
+    let line = text.lines().next()?.trim();
+    if line.is_empty() {
+        return None;
+    }
+    Some(
+        serde_json::from_str(line).unwrap_or_else(|_| LaunchFailure {
+            exec: false,
+            errno: None,
+            message: line.to_string(),
+        }),
+    )
 }
 
 fn save(rec: &Record, paths: &Paths) {
@@ -217,7 +293,7 @@ async fn run(
         }
         state.send_replace(ProxyState::Starting);
         let started = Instant::now();
-        let (pid, sub, child) = match spawn(&plan.launch, &sink).await {
+        let (pid, sub, child, outcome) = match spawn(&plan.launch, &sink).await {
             Ok(x) => x,
             Err(e) => {
                 tracing::error!("proxy: {e}");
@@ -229,12 +305,23 @@ async fn run(
                 continue;
             }
         };
-        tracing::info!(pid, "proxy started");
-        plan.record.proxy_pid = Some(pid);
-        plan.record.proxy_start_time = record::start_time(pid);
-        plan.record.state = "running".into();
-        save(&plan.record, &plan.paths);
-        state.send_replace(ProxyState::Running { pid });
+        let failure = match tokio::time::timeout(FIRST_START_WAIT, outcome).await {
+            Ok(Ok(failure)) => failure,
+            _ => None,
+        };
+        if let Some(f) = failure {
+            tracing::error!(pid, permanent = f.is_permanent(), "proxy: {}", f.message);
+            plan.record.state = format!("failed to start: {}", f.message);
+            save(&plan.record, &plan.paths);
+            state.send_replace(ProxyState::LaunchFailed(f));
+        } else {
+            tracing::info!(pid, "proxy started");
+            plan.record.proxy_pid = Some(pid);
+            plan.record.proxy_start_time = record::start_time(pid);
+            plan.record.state = "running".into();
+            save(&plan.record, &plan.paths);
+            state.send_replace(ProxyState::Running { pid });
+        }
 
         let exit = wait_exit(pid, sub);
         tokio::pin!(exit);

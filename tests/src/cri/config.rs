@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use k8s_cri::v1 as cri;
+use sidetunnel_cri_api::v1 as cri;
 
 /// A pod as kubelet would describe it to RunPodSandbox.
 #[derive(Debug, Clone)]

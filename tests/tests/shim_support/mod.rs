@@ -65,6 +65,9 @@ pub struct Cluster {
     pub h: Containerd,
     pub mesh: MeshNode,
     pub state_root: PathBuf,
+    /// The shim's node config file, and the `[runtime]` TOML it was given.
+    config: PathBuf,
+    runtime: String,
     workloads: Mutex<Vec<Workload>>,
 }
 
@@ -106,28 +109,38 @@ impl Cluster {
         })
         .await?;
         node.serve(&h)?;
+        let c = Cluster {
+            h,
+            mesh: node,
+            state_root,
+            config,
+            runtime: runtime.to_owned(),
+            workloads: Mutex::new(Vec::new()),
+        };
         // The shim reads the node config at every pod's first call, so it
         // may be written after containerd starts (meshd's address is known
         // only now).
-        let mut text = node.node_config(
-            &h,
+        c.write_node_config(&bins::path("sidetunnel-proxy"))?;
+        Ok(c)
+    }
+
+    /// (Re)writes the node config with `proxy_binary`; pods started from
+    /// now on (each has its own shim) run that proxy.
+    pub fn write_node_config(&self, proxy_binary: &Path) -> Result<()> {
+        let mut text = self.mesh.node_config(
+            &self.h,
             &NodeConfigParams {
-                proxy_binary: bins::path("sidetunnel-proxy"),
-                state_root: state_root.clone(),
+                proxy_binary: proxy_binary.to_owned(),
+                state_root: self.state_root.clone(),
                 readiness_timeout: "60s".into(),
                 log_level: "info".into(),
             },
         )?;
-        if !runtime.is_empty() {
-            text += &format!("\n[runtime]\n{runtime}\n");
+        if !self.runtime.is_empty() {
+            text += &format!("\n[runtime]\n{}\n", self.runtime);
         }
-        std::fs::write(&config, text)?;
-        Ok(Cluster {
-            h,
-            mesh: node,
-            state_root,
-            workloads: Mutex::new(Vec::new()),
-        })
+        std::fs::write(&self.config, text)?;
+        Ok(())
     }
 
     /// Stops every pod, containerd and meshd; what CRI could not remove is
