@@ -267,6 +267,10 @@ impl Task for TaskService {
     #[instrument(skip_all, fields(id = %req.id, exec_id = %req.exec_id))]
     async fn start(&self, _ctx: &TtrpcContext, req: StartRequest) -> TtrpcResult<StartResponse> {
         if req.exec_id.is_empty() {
+            self.sandboxes
+                .started(&req.id)
+                .await
+                .inspect_err(|e| warn!("sandbox start refused: {e}"))?;
             // Outside the containers lock: this can take the readiness timeout.
             self.sandboxes
                 .await_ready(&req.id)

@@ -82,16 +82,27 @@ fn no_build_script_runs_protoc() {
 /// Commands that would make `.ci/run` install something of its own.
 const INSTALLERS: &[&str] = &[
     "apt-get",
-    "apt ",
+    "apt",
     "dpkg",
     "cargo install",
     "cargo-binstall",
     "rustup",
     "pip",
+    "pip3",
     "npm",
     "curl",
     "wget",
 ];
+
+/// Whether `line` runs `command` (one or more words) as whole words.
+fn runs(line: &str, command: &str) -> bool {
+    let words: Vec<&str> = line
+        .split(|c: char| c.is_whitespace() || ";&|()$`\"'".contains(c))
+        .filter(|w| !w.is_empty())
+        .collect();
+    let want: Vec<&str> = command.split(' ').collect();
+    words.windows(want.len()).any(|w| w == want.as_slice())
+}
 
 #[test]
 fn ci_run_installs_nothing_itself() {
@@ -104,7 +115,7 @@ fn ci_run_installs_nothing_itself() {
     for line in &code {
         for installer in INSTALLERS {
             assert!(
-                !line.contains(installer),
+                !runs(line, installer),
                 ".ci/run installs something itself ({installer:?} in {line:?}): \
                  `cargo xtask test` must install what the suite needs"
             );
@@ -115,4 +126,16 @@ fn ci_run_installs_nothing_itself() {
         Some("exec cargo xtask test"),
         ".ci/run must end by running exactly the README's test command"
     );
+}
+
+#[test]
+fn installer_words_are_matched_whole() {
+    assert!(runs("apt-get install -y x", "apt-get"));
+    assert!(runs(
+        "sudo cargo install --locked cargo-deny",
+        "cargo install"
+    ));
+    assert!(runs("x && pip install y", "pip"));
+    assert!(!runs("set -euo pipefail", "pip"));
+    assert!(!runs("exec cargo xtask test", "cargo install"));
 }

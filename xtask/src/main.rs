@@ -124,6 +124,8 @@ fn test(no_install: bool, extra: &[String]) -> Result<()> {
     let mut args = vec!["test", "--workspace"];
     args.extend(extra.iter().map(String::as_str));
     cargo_with(&args, &[(dist::DIR_ENV, dist.as_os_str())])?;
+    step("pod start bench smoke (cargo xtask bench podstart --quick)");
+    bench::run_podstart_smoke()?;
     step("fuzz smoke (every target, a few seconds each)");
     fuzz::run(fuzz::FuzzTask::Smoke {
         time: fuzz::SMOKE_SECS,

@@ -13,6 +13,7 @@ mod prefetch;
 mod ready;
 pub mod record;
 mod supervisor;
+mod timeline;
 mod token;
 
 use std::collections::HashMap;
@@ -33,6 +34,7 @@ use backoff::Backoff;
 use launch::LaunchSpec;
 use record::{Paths, Record};
 use supervisor::{ProxyPlan, ProxyState, Supervisor};
+use timeline::Timeline;
 
 /// A sandbox whose netns has the ruleset and whose proxy is about to start.
 pub struct Prepared {
@@ -45,6 +47,7 @@ pub struct Prepared {
     paths: Paths,
     /// `--xds-prefetch=…` from the pod's annotation, if any.
     prefetch_arg: Option<String>,
+    timeline: Timeline,
 }
 
 struct Pod {
@@ -56,6 +59,7 @@ struct Pod {
     readiness_port: u16,
     readiness_path: String,
     proxy: Supervisor,
+    timeline: std::sync::Mutex<Timeline>,
 }
 
 #[derive(Default)]
@@ -65,6 +69,11 @@ pub struct Sandboxes {
     /// App container id → its sandbox id.
     members: Mutex<HashMap<String, String>>,
 }
+
+/// Readiness polling of an app container's start: first interval, doubling
+/// up to the last.
+const READY_POLL_FIRST: Duration = Duration::from_millis(2);
+const READY_POLL_MAX: Duration = Duration::from_millis(100);
 
 fn pod_name(p: &PodInfo) -> String {
     format!("{}/{}", p.namespace, p.name)
@@ -91,6 +100,8 @@ impl Sandboxes {
             }
             Role::Standalone => return Ok(None),
         };
+        let mut timeline = Timeline::default();
+        timeline.mark("create");
         let Some(netns) = pod.netns_path.clone().filter(|_| !pod.host_network) else {
             info!(pod = %pod_name(pod), "host-network pod: no proxy");
             return Ok(None);
@@ -123,6 +134,7 @@ impl Sandboxes {
             node: node.clone(),
             paths,
             prefetch_arg,
+            timeline,
         };
         prepare_dirs(&prepared).map_err(|e| {
             Error::Sandbox(format!(
@@ -145,6 +157,8 @@ impl Sandboxes {
                 ))
             })?;
         info!(pod = %pod_name(pod), netns = %prepared.netns.display(), "redirection installed");
+        let mut prepared = prepared;
+        prepared.timeline.mark("rules");
         Ok(Some(prepared))
     }
 
@@ -154,7 +168,8 @@ impl Sandboxes {
     }
 
     /// The sandbox exists (init `pause_pid`): start its proxy.
-    pub async fn launch(&self, p: Prepared, pause_pid: i32) -> Result<()> {
+    pub async fn launch(&self, mut p: Prepared, pause_pid: i32) -> Result<()> {
+        p.timeline.mark("sandbox");
         let name = pod_name(&p.pod);
         let plan = match plan(&p, pause_pid) {
             Ok(plan) => plan,
@@ -166,17 +181,8 @@ impl Sandboxes {
             }
         };
         let proxy = Supervisor::start(plan);
-        // A proxy that can never start fails the sandbox now, naming why,
-        // instead of leaving app containers to wait behind a restart loop.
-        if let Err(f) = proxy.first_start().await {
-            proxy.stop().await;
-            cleanup(&p.paths, Some(&p.netns), Some(&p.redirect)).await;
-            return Err(Error::Sandbox(format!(
-                "pod {name}: the sidetunnel proxy cannot start: {}",
-                f.message
-            )));
-        }
         let pod = Pod {
+            timeline: std::sync::Mutex::new(p.timeline),
             readiness_port: p.redirect.readiness_port,
             readiness_path: p.node.proxy.readiness_path.clone(),
             pod: p.pod,
@@ -190,6 +196,31 @@ impl Sandboxes {
         Ok(())
     }
 
+    /// The sandbox's own start: a proxy that can never start fails it now,
+    /// naming why, instead of leaving app containers to wait behind a
+    /// restart loop. Waiting here rather than at create lets the launcher
+    /// run while containerd moves from create to start.
+    pub async fn started(&self, id: &str) -> Result<()> {
+        let Some(pod) = self.pods.lock().await.get(id).cloned() else {
+            return Ok(());
+        };
+        if let Err(f) = pod.proxy.first_start().await {
+            // No restart loop: containerd deletes the failed sandbox, and
+            // its delete removes the rules and files.
+            pod.proxy.stop().await;
+            return Err(Error::Sandbox(format!(
+                "pod {}: the sidetunnel proxy cannot start: {}",
+                pod_name(&pod.pod),
+                f.message
+            )));
+        }
+        let mut t = pod.timeline.lock().unwrap_or_else(|p| p.into_inner());
+        if t.mark("proxy_exec") {
+            t.save(&pod.paths);
+        }
+        Ok(())
+    }
+
     /// Before an app container starts: wait until its pod's proxy is ready.
     pub async fn await_ready(&self, id: &str) -> Result<()> {
         let Some(sandbox) = self.members.lock().await.get(id).cloned() else {
@@ -200,12 +231,22 @@ impl Sandboxes {
         };
         let deadline = tokio::time::Instant::now() + pod.ready_timeout;
         let mut last_probe = String::from("not probed yet");
+        // Probes start close together: the proxy is usually ready within
+        // tens of milliseconds of the sandbox, and every millisecond here
+        // is added to the pod's start.
+        let mut poll = READY_POLL_FIRST;
         loop {
             let state = pod.proxy.current();
             match state {
                 ProxyState::Running { .. } => {
                     match ready::probe(&pod.netns, pod.readiness_port, &pod.readiness_path).await {
-                        Ok(()) => return Ok(()),
+                        Ok(()) => {
+                            let mut t = pod.timeline.lock().unwrap_or_else(|p| p.into_inner());
+                            if t.mark("ready") {
+                                t.save(&pod.paths);
+                            }
+                            return Ok(());
+                        }
                         Err(e) => last_probe = e,
                     }
                 }
@@ -228,7 +269,8 @@ impl Sandboxes {
                     rec.restarts
                 )));
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            tokio::time::sleep(poll).await;
+            poll = (poll * 2).min(READY_POLL_MAX);
         }
     }
 

@@ -8,6 +8,7 @@
 //! table in the study's shape plus one JSON line (also written to
 //! `target/bench/xds.json`).
 
+mod podstart;
 mod proxy;
 
 use std::fmt::Write as _;
@@ -33,6 +34,9 @@ pub enum BenchTask {
     /// Data path through two proxies vs direct (issue 7): throughput,
     /// latency, CPU, memory, start → ready.
     Dataplane(crate::bench_dataplane::Args),
+    /// Pod start, runc vs sidetunnel on one containerd (issue 19):
+    /// sequential and burst, with the sidetunnel phases.
+    Podstart(podstart::Args),
 }
 
 /// Destinations per pod in the cluster totals (the issue's reference pod).
@@ -43,7 +47,19 @@ pub fn run(task: BenchTask) -> Result<()> {
     match task {
         BenchTask::Xds { scenarios, k } => xds(&scenarios, &k),
         BenchTask::Dataplane(args) => crate::bench_dataplane::run(&args),
+        BenchTask::Podstart(args) => podstart::run(&args),
     }
+}
+
+/// The suite's smoke of the pod start bench: a few pods of each handler on
+/// the debug build, so the bench keeps working between runs of record.
+/// Outside CI without root it is skipped with the reason.
+pub fn run_podstart_smoke() -> Result<()> {
+    if !nix::unistd::geteuid().is_root() && !sidetunnel_tests::prereq::in_ci() {
+        eprintln!("SKIP pod start bench smoke: needs root");
+        return Ok(());
+    }
+    podstart::run(&podstart::Args::quick())
 }
 
 struct Paths {
