@@ -264,6 +264,14 @@ fn check_placeholders(template: &str, allowed: &[&str]) -> Result<(), String> {
 impl NodeConfig {
     /// Reads and validates the node config at `path`.
     pub fn load(path: &Path) -> Result<NodeConfig, ConfigError> {
+        let cfg = NodeConfig::read(path)?;
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+
+    /// Reads the node config at `path` without checking the files it names
+    /// (at install time the mesh root certificate may not be there yet).
+    pub fn read(path: &Path) -> Result<NodeConfig, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
             source,
@@ -272,7 +280,6 @@ impl NodeConfig {
             path: path.to_owned(),
             message: e.to_string(),
         })?;
-        cfg.validate(path)?;
         Ok(cfg)
     }
 

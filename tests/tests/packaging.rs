@@ -157,12 +157,38 @@ fn install_script_installs_validates_and_uninstalls_in_private_paths() {
     // containerd replaces imported plugin sections whole: the drop-in keeps
     // the main config's CRI settings.
     assert!(dropin.contains("bin_dir = \"/custom/cni\""), "{dropin}");
+    // The proxy uid can execute the installed proxy (checked by the shim).
+    assert!(stdout.contains("proxy OK: "), "{stdout}");
     // Idempotent, and keeps the operator's config.
-    std::fs::write(d.join("etc/config.toml"), "# mine\n").unwrap();
+    let mine = format!("# mine\n{cfg}");
+    std::fs::write(d.join("etc/config.toml"), &mine).unwrap();
     assert!(run(&["--bin-dir", &bin_dir]).status.success());
     assert_eq!(
         std::fs::read_to_string(d.join("etc/config.toml")).unwrap(),
-        "# mine\n"
+        mine
+    );
+    // A proxy the proxy uid cannot execute: the install fails saying so.
+    let proxy = d.join("usr/bin/sidetunnel-proxy");
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "chmod 0700 '{p}' && '{shim}' check-proxy '{cfg}'",
+            p = proxy.display(),
+            shim = d.join("usr/bin/containerd-shim-sidetunnel-v1").display(),
+            cfg = d.join("etc/config.toml").display()
+        ))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "check-proxy passed an unexecutable proxy"
+    );
+    assert!(
+        err.contains(&proxy.display().to_string())
+            && err.contains("uid 15000")
+            && err.contains("EACCES"),
+        "{err}"
     );
     assert!(run(&["--uninstall", "--purge"]).status.success());
     for p in [

@@ -60,7 +60,7 @@ pub const CHECK_ARG: &str = "check-proxy";
 
 pub fn check_main(args: &[String]) -> ! {
     let path = crate::config::NodeConfig::path(args.first().map(std::path::Path::new));
-    let result = crate::config::NodeConfig::load(&path)
+    let result = crate::config::NodeConfig::read(&path)
         .map_err(|e| e.to_string())
         .and_then(|node| {
             let spec = LaunchSpec {
