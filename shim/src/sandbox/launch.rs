@@ -243,12 +243,10 @@ fn exec_failure(spec: &LaunchSpec, step: &str, e: nix::errno::Errno) -> LaunchFa
         exec: true,
         errno: Some(e as i32),
         message: format!(
-            "{step} proxy binary {} as uid {} gid {}: {} ({}){hint}",
+            "{step} proxy binary {} as uid {} gid {}: {e}{hint}",
             spec.binary.display(),
             spec.uid,
             spec.gid,
-            e.desc(),
-            e
         ),
     }
 }
