@@ -412,6 +412,14 @@ impl Containerd {
         cleanup::pids_with_arg(&self.socket.to_string_lossy())
     }
 
+    /// The shim process serving sandbox `sandbox_id` (its `-id` argument).
+    pub fn shim_pid_of(&self, sandbox_id: &str) -> Option<i32> {
+        let pids = self.shim_pids();
+        cleanup::pids_with_arg(sandbox_id)
+            .into_iter()
+            .find(|p| pids.contains(p))
+    }
+
     /// Processes in the harness's pod cgroups (containers, pause, proxies
     /// placed in pod cgroups).
     pub fn pod_cgroup_pids(&self) -> Vec<i32> {

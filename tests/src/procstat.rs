@@ -38,6 +38,15 @@ pub fn status_kib(pid: i32, field: &str) -> io::Result<u64> {
         .ok_or_else(|| io::Error::other(format!("no {field} in /proc/{pid}/status")))
 }
 
+/// Proportional set size (`Pss` of `/proc/<pid>/smaps_rollup`) in KiB: the
+/// process's resident pages, each shared page divided among its sharers,
+/// so the sum over processes is what they cost together.
+pub fn pss_kib(pid: i32) -> io::Result<u64> {
+    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))?;
+    parse_status_kib(&rollup, "Pss")
+        .ok_or_else(|| io::Error::other(format!("no Pss in /proc/{pid}/smaps_rollup")))
+}
+
 fn parse_status_kib(status: &str, field: &str) -> Option<u64> {
     status.lines().find_map(|l| {
         let v = l.strip_prefix(field)?.strip_prefix(':')?;

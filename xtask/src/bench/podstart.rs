@@ -19,8 +19,8 @@ use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 use sidetunnel_tests::containerd::{Containerd, Options, RUNC, SIDETUNNEL};
 use sidetunnel_tests::cri::{ContainerSpec, Cri, PodConfig};
-use sidetunnel_tests::image;
 use sidetunnel_tests::mesh::{MeshNode, NodeConfigParams};
+use sidetunnel_tests::{image, procstat};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct Args {
@@ -52,6 +52,8 @@ impl Args {
 }
 
 const NAMESPACE: &str = "podstart";
+/// Idle time before a pod's memory is read (start-up allocations settled).
+const COST_SETTLE: Duration = Duration::from_secs(2);
 const SERVICE_ACCOUNT: &str = "bench";
 /// Shim phases in start order (see shim/src/sandbox/timeline.rs).
 const SHIM_PHASES: &[&str] = &["create", "rules", "sandbox", "proxy_exec", "ready"];
@@ -108,6 +110,16 @@ struct Report {
     load: String,
     sequential: BTreeMap<&'static str, Vec<Sample>>,
     burst: BTreeMap<&'static str, Vec<Sample>>,
+    cost: Vec<Cost>,
+}
+
+/// What one idle pod's runtime processes cost (KiB).
+#[derive(Debug, Clone)]
+struct Cost {
+    handler: &'static str,
+    process: &'static str,
+    rss_kib: u64,
+    pss_kib: u64,
 }
 
 async fn measure(bins: &Path, n: usize, burst: usize) -> Result<Report> {
@@ -166,6 +178,7 @@ async fn measure(bins: &Path, n: usize, burst: usize) -> Result<Report> {
             }
             eprintln!("  sequential {}/{n}", i + 1);
         }
+        let cost = bench.cost().await?;
         let mut bursts: BTreeMap<&'static str, Vec<Sample>> = BTreeMap::new();
         if burst > 0 {
             for handler in [RUNC, SIDETUNNEL] {
@@ -173,7 +186,7 @@ async fn measure(bins: &Path, n: usize, burst: usize) -> Result<Report> {
                 eprintln!("  burst of {burst} {handler} pods done");
             }
         }
-        anyhow::Ok((sequential, bursts))
+        anyhow::Ok((sequential, bursts, cost))
     }
     .await;
     let version = std::process::Command::new(sidetunnel_tests::containerd::CONTAINERD)
@@ -183,7 +196,7 @@ async fn measure(bins: &Path, n: usize, burst: usize) -> Result<Report> {
         .unwrap_or_default();
     let down = h.shutdown().await;
     drop(mesh);
-    let (sequential, burst) = res?;
+    let (sequential, burst, cost) = res?;
     down.context("stopping the bench containerd")?;
     Ok(Report {
         binaries: bins.to_owned(),
@@ -191,6 +204,7 @@ async fn measure(bins: &Path, n: usize, burst: usize) -> Result<Report> {
         load: std::fs::read_to_string("/proc/loadavg").unwrap_or_default(),
         sequential,
         burst,
+        cost,
     })
 }
 
@@ -263,6 +277,49 @@ impl Bench<'_> {
             },
             pod.id,
         ))
+    }
+
+    /// Per-pod cost: one idle pod of each handler with its app running;
+    /// after a settle time, the RSS and PSS of the pod's shim and (for
+    /// sidetunnel) its proxy.
+    async fn cost(&self) -> Result<Vec<Cost>> {
+        let mut cri = self.h.cri().await?;
+        let mut pods = Vec::new();
+        for handler in [RUNC, SIDETUNNEL] {
+            let config = self.pod_config(handler, "cost")?;
+            let (_, id) = self.start(&mut cri, handler, &config).await?;
+            pods.push((handler, id));
+        }
+        tokio::time::sleep(COST_SETTLE).await;
+        let mut out = Vec::new();
+        for (handler, id) in &pods {
+            let shim = self
+                .h
+                .shim_pid_of(id)
+                .with_context(|| format!("no shim process for sandbox {id}"))?;
+            let mut procs = vec![("shim", shim)];
+            if *handler == SIDETUNNEL {
+                let record = self.state_root.join(id).join("shim.json");
+                let v: Value = serde_json::from_str(&std::fs::read_to_string(&record)?)?;
+                let pid = v["proxy_pid"]
+                    .as_i64()
+                    .with_context(|| format!("no proxy_pid in {}", record.display()))?;
+                procs.push(("proxy", pid as i32));
+            }
+            for (process, pid) in procs {
+                out.push(Cost {
+                    handler,
+                    process,
+                    rss_kib: procstat::status_kib(pid, "VmRSS")?,
+                    pss_kib: procstat::pss_kib(pid)?,
+                });
+            }
+        }
+        for (_, id) in pods {
+            cri.stop_pod(&id).await?;
+            cri.remove_pod(&id).await?;
+        }
+        Ok(out)
     }
 
     /// `count` pods started at once, each timed on its own.
@@ -431,6 +488,36 @@ impl Report {
             };
             let _ = writeln!(md, "| {label} | {} | {} | {added} |", f(r), f(s));
         }
+        if !self.cost.is_empty() {
+            let _ = writeln!(
+                md,
+                "\n#### Per-pod cost, idle pod with its app running (MiB)\n\n| handler | process | RSS | PSS |\n| --- | --- | --- | --- |"
+            );
+            let mib = |k: u64| k as f64 / 1024.0;
+            for c in &self.cost {
+                let _ = writeln!(
+                    md,
+                    "| {} | {} | {:.1} | {:.1} |",
+                    c.handler,
+                    c.process,
+                    mib(c.rss_kib),
+                    mib(c.pss_kib)
+                );
+            }
+            for handler in [RUNC, SIDETUNNEL] {
+                let (rss, pss) = self
+                    .cost
+                    .iter()
+                    .filter(|c| c.handler == handler)
+                    .fold((0, 0), |(r, p), c| (r + c.rss_kib, p + c.pss_kib));
+                let _ = writeln!(
+                    md,
+                    "| {handler} | **total** | {:.1} | {:.1} |",
+                    mib(rss),
+                    mib(pss)
+                );
+            }
+        }
         md
     }
 
@@ -444,7 +531,13 @@ impl Report {
             .into_iter()
             .map(|(label, r, s)| json!({"measure": label.trim(), "runc": j(r), "sidetunnel": j(s)}))
             .collect();
+        let cost: Vec<Value> = self
+            .cost
+            .iter()
+            .map(|c| json!({"handler": c.handler, "process": c.process, "rss_kib": c.rss_kib, "pss_kib": c.pss_kib}))
+            .collect();
         json!({
+            "cost": cost,
             "meta": {
                 "containerd": self.containerd,
                 "binaries": self.binaries,
