@@ -6,6 +6,7 @@
 //! launcher) and `__redirect` (redirection install/remove) are dispatched
 //! before any runtime or thread exists.
 
+mod bootstrap;
 mod cgroup;
 mod config;
 mod container;

@@ -87,6 +87,11 @@ impl RuntimeOptions {
         )))
     }
 
+    /// Whether `type_url` names one of the two options types this shim reads.
+    pub fn is_known_type(type_url: &str) -> bool {
+        type_url.ends_with(GENERIC_OPTIONS) || type_url.ends_with(RUNC_OPTIONS)
+    }
+
     /// Decodes the bytes of a marshalled `Any` (what `start` receives on stdin).
     pub fn from_any_bytes(bytes: &[u8]) -> Result<RuntimeOptions> {
         if bytes.is_empty() {

@@ -107,7 +107,10 @@ fn is_key(k: &str) -> bool {
 
 #[test]
 fn install_script_installs_validates_and_uninstalls_in_private_paths() {
-    if !(prereq::binary("install_sh", containerd::CONTAINERD) && prereq::binary("install_sh", "sh"))
+    if !(prereq::binary(
+        "install_sh",
+        &containerd::containerd_bin().to_string_lossy(),
+    ) && prereq::binary("install_sh", "sh"))
     {
         return;
     }
