@@ -11,6 +11,7 @@ mod cgroup;
 mod config;
 mod container;
 mod error;
+mod info;
 mod logging;
 mod oom;
 mod options;
@@ -39,6 +40,7 @@ containerd starts it; it is not meant to be run by hand.
 Usage:
   {argv0} -v | --version             print version and runtime type
   {argv0} -h | --help                this text
+  {argv0} -info                      RuntimeInfo protobuf for the options on stdin (containerd 2.x)
   {argv0} [containerd shim flags] start|delete
         -namespace NS -address SOCK -publish-binary BIN -id ID [-bundle DIR] [-debug]
 
@@ -62,15 +64,18 @@ fn main() {
         }
         _ => {}
     }
-    if let Ok(flags) = containerd_shim::parse(&args[1..])
-        && flags.version
-    {
-        println!(
-            "{}:\n  Version: {}\n  Runtime: {RUNTIME_ID}",
-            args[0],
-            env!("CARGO_PKG_VERSION")
-        );
-        return;
+    if let Ok(flags) = containerd_shim::parse(&args[1..]) {
+        if flags.version {
+            println!(
+                "{}:\n  Version: {}\n  Runtime: {RUNTIME_ID}",
+                args[0],
+                env!("CARGO_PKG_VERSION")
+            );
+            return;
+        }
+        if flags.info {
+            std::process::exit(info::main(RUNTIME_ID));
+        }
     }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
