@@ -277,6 +277,16 @@ async fn shim_killed(c: &Cluster, mut cri: Cri) -> Result<()> {
             "rules left after the shim crash:\n{rules}"
         );
     }
+    // containerd reports the app container exited once it has cleaned up
+    // after the dead shim. 1.6 and 2.x do it on the TaskExit event they
+    // publish after `shim delete`; 1.7's CRI also sees its Wait on the task
+    // fail at once, tries to delete the task while the dead shim's tasks
+    // are still listed (`ttrpc: closed`) and retries with a backoff: until
+    // then it still calls the container running and RemovePodSandbox fails
+    // with "container is still running, to stop first". kubelet's PLEG
+    // likewise acts on the exit it observes; so does the test.
+    cri.wait_container_state(&app.id, ContainerState::ContainerExited, WAIT)
+        .await?;
     cri.stop_pod(pod.id()).await?;
     cri.remove_pod(pod.id()).await?;
     c.assert_gone(pod.id(), &netns, &[&app.id]).await?;
