@@ -1,5 +1,7 @@
-//! Runtime options containerd hands the shim (on stdin at `start`, and in
-//! `CreateTaskRequest.options`), in the three shapes containerd uses:
+//! Runtime options containerd hands the shim (on stdin at `start`: as a bare
+//! `Any` up to containerd 2.2, as an extension of `BootstrapParams` from 2.3
+//! on, see `bootstrap.rs`; and in `CreateTaskRequest.options`), in the three
+//! shapes containerd uses:
 //!
 //! * `containerd.runc.v1.Options` protobuf — when a platform reuses runc's
 //!   options type for this runtime;
