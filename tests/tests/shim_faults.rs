@@ -278,13 +278,13 @@ async fn shim_killed(c: &Cluster, mut cri: Cri) -> Result<()> {
         );
     }
     // containerd reports the app container exited once it has cleaned up
-    // after the dead shim. 1.6 and 2.x do it on the TaskExit event they
-    // publish after `shim delete`; 1.7's CRI also sees its Wait on the task
-    // fail at once, tries to delete the task while the dead shim's tasks
-    // are still listed (`ttrpc: closed`) and retries with a backoff: until
-    // then it still calls the container running and RemovePodSandbox fails
-    // with "container is still running, to stop first". kubelet's PLEG
-    // likewise acts on the exit it observes; so does the test.
+    // after the dead shim, and that takes a race: CRI's Wait on the task
+    // fails as soon as the shim dies, CRI then deletes the task while
+    // containerd may still list the dead shim's tasks (`ttrpc: closed`, seen
+    // with 1.7) and retries with a backoff; until then it calls the
+    // container running and RemovePodSandbox fails with "container is still
+    // running, to stop first". kubelet's PLEG likewise acts on the exit it
+    // observes; so does the test.
     cri.wait_container_state(&app.id, ContainerState::ContainerExited, WAIT)
         .await?;
     cri.stop_pod(pod.id()).await?;
