@@ -15,7 +15,9 @@
 #   --containerd-config F    containerd's main config [/etc/containerd/config.toml]
 #   --dropin-dir DIR         drop-in directory [/etc/containerd/conf.d]
 #   --config-dir DIR         sidetunnel's config directory [/etc/sidetunnel]
-#   --containerd-major N     1 or 2 [detected from `containerd --version`]
+#   --containerd-major N     1 or 2 [detected from `containerd --version`]; 2.x
+#                            accepts a main config of schema 2 (1.x-style, migrated
+#                            with a warning), 3 or 4; the drop-in follows its schema
 #   --add-import             add `imports = ["<dropin-dir>/*.toml"]` to the main config
 #                            when it lacks one (otherwise only tell how)
 #   --uninstall [--purge]    remove binaries and drop-in [and the config directory]
@@ -36,7 +38,7 @@ PROXY=sidetunnel-proxy
 
 say() { echo "sidetunnel-install: $*"; }
 die() { echo "sidetunnel-install: error: $*" >&2; exit 1; }
-usage() { sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+usage() { sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -78,9 +80,11 @@ if [ -z "$major" ]; then
   v=$(containerd --version | awk '{print $3}' | sed 's/^v//')
   major=${v%%.*}
 fi
+# The CRI plugin holding the runtimes in `containerd config dump` (2.x
+# dumps the migrated config whatever schema the files use).
 case "$major" in
-  1) snippet=$here/containerd/config-v2.toml; plugin='io.containerd.grpc.v1.cri' ;;
-  2) snippet=$here/containerd/config-v3.toml; plugin='io.containerd.cri.v1.runtime' ;;
+  1) plugin='io.containerd.grpc.v1.cri' ;;
+  2) plugin='io.containerd.cri.v1.runtime' ;;
   *) die "unsupported containerd major version '$major' (1.6, 1.7 and 2.x are supported)" ;;
 esac
 
@@ -132,11 +136,22 @@ fi
 # see containerd/dropin.sh).
 "$here/containerd/dropin.sh" --containerd-config "$cd_config" --out "$dropin" \
   --sidetunnel-config "$config_dir/config.toml" --containerd-major "$major" >/dev/null
-say "wrote $dropin (containerd $major.x schema, with this node's CRI settings)"
+if [ "$major" = 1 ]; then
+  say "wrote $dropin (containerd 1.x schema, with this node's CRI settings)"
+else
+  say "wrote $dropin (containerd 2.x: the runtime alone, in the main config's schema)"
+fi
 
-# 5. Validate what containerd will load.
-dump=$(containerd --config "$cd_config" config dump 2>&1) || die "containerd rejects $cd_config: $dump"
-section=$(printf '%s\n' "$dump" | awk -v h="[plugins.\"$plugin\".containerd.runtimes.sidetunnel]" '
+# 5. Validate what containerd will load. Its warnings (2.x: "Configuration
+# migrated from version 2") go to stderr and are shown, not fatal; 2.x
+# dumps strings in single quotes, normalised to double quotes here.
+errf=$(mktemp)
+trap 'rm -f "$errf"' EXIT
+dump=$(containerd --config "$cd_config" config dump 2>"$errf") || die "containerd rejects $cd_config: $(cat "$errf")"
+if grep -q 'level=warning' "$errf"; then
+  sed -n 's/.*level=warning msg="\([^"]*\)".*/sidetunnel-install: containerd warns: \1/p' "$errf"
+fi
+section=$(printf '%s\n' "$dump" | tr "'" '"' | awk -v h="[plugins.\"$plugin\".containerd.runtimes.sidetunnel]" '
   { t = $0; gsub(/^[[:space:]]+/, "", t) }
   t == h { on = 1; next }
   on && t ~ /^\[/ && index(t, "runtimes.sidetunnel.options]") == 0 { on = 0 }

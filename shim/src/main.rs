@@ -6,10 +6,12 @@
 //! launcher) and `__redirect` (redirection install/remove) are dispatched
 //! before any runtime or thread exists.
 
+mod bootstrap;
 mod cgroup;
 mod config;
 mod container;
 mod error;
+mod info;
 mod logging;
 mod oom;
 mod options;
@@ -39,6 +41,7 @@ Usage:
   {argv0} -v | --version             print version and runtime type
   {argv0} -h | --help                this text
   {argv0} check-proxy [CONFIG]       can the proxy uid execute the node config's proxy binary?
+  {argv0} -info                      RuntimeInfo protobuf for the options on stdin (containerd 2.x)
   {argv0} [containerd shim flags] start|delete
         -namespace NS -address SOCK -publish-binary BIN -id ID [-bundle DIR] [-debug]
 
@@ -63,15 +66,18 @@ fn main() {
         }
         _ => {}
     }
-    if let Ok(flags) = containerd_shim::parse(&args[1..])
-        && flags.version
-    {
-        println!(
-            "{}:\n  Version: {}\n  Runtime: {RUNTIME_ID}",
-            args[0],
-            env!("CARGO_PKG_VERSION")
-        );
-        return;
+    if let Ok(flags) = containerd_shim::parse(&args[1..]) {
+        if flags.version {
+            println!(
+                "{}:\n  Version: {}\n  Runtime: {RUNTIME_ID}",
+                args[0],
+                env!("CARGO_PKG_VERSION")
+            );
+            return;
+        }
+        if flags.info {
+            std::process::exit(info::main(RUNTIME_ID));
+        }
     }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -1,5 +1,7 @@
-//! Runtime options containerd hands the shim (on stdin at `start`, and in
-//! `CreateTaskRequest.options`), in the three shapes containerd uses:
+//! Runtime options containerd hands the shim (on stdin at `start`: as a bare
+//! `Any` up to containerd 2.2, as an extension of `BootstrapParams` from 2.3
+//! on, see `bootstrap.rs`; and in `CreateTaskRequest.options`), in the three
+//! shapes containerd uses:
 //!
 //! * `containerd.runc.v1.Options` protobuf — when a platform reuses runc's
 //!   options type for this runtime;
@@ -85,6 +87,11 @@ impl RuntimeOptions {
         Err(Error::InvalidArgument(format!(
             "unsupported runtime options type {type_url:?} (expected {RUNC_OPTIONS} or {GENERIC_OPTIONS})"
         )))
+    }
+
+    /// Whether `type_url` names one of the two options types this shim reads.
+    pub fn is_known_type(type_url: &str) -> bool {
+        type_url.ends_with(GENERIC_OPTIONS) || type_url.ends_with(RUNC_OPTIONS)
     }
 
     /// Decodes the bytes of a marshalled `Any` (what `start` receives on stdin).

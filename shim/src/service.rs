@@ -3,7 +3,7 @@
 //! by the CRI sandbox id, so every container of a pod shares the shim that
 //! supervises the pod's proxy.
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::path::Path;
 use std::process::Stdio;
 use std::sync::Arc;
@@ -24,6 +24,7 @@ use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
+use crate::bootstrap::{self, StartInput};
 use crate::config::NodeConfig;
 use crate::container::INIT_PID_FILE;
 use crate::options::RuntimeOptions;
@@ -72,8 +73,9 @@ impl Shim for Service {
         let mut raw = Vec::new();
         std::io::stdin()
             .read_to_end(&mut raw)
-            .map_err(io_error!(e, "read runtime options from stdin"))?;
-        let ropts = RuntimeOptions::from_any_bytes(&raw).map_err(other)?;
+            .map_err(io_error!(e, "read start input from stdin"))?;
+        let input = StartInput::parse(&raw, &opts.id, &opts.namespace).map_err(other)?;
+        let ropts = input.options();
         // Validate the node config now: a broken one fails the pod's first
         // RunPodSandbox with the reason, before anything runs.
         let path = NodeConfig::path(ropts.config_path.as_deref());
@@ -81,7 +83,10 @@ impl Shim for Service {
 
         let cwd = std::env::current_dir().map_err(io_error!(e, "current dir"))?;
         let group = grouping(&cwd, &opts.id);
-        let address = containerd_shim::socket_address(&opts.address, &opts.namespace, &group);
+        let mut address = containerd_shim::socket_address(&opts.address, &opts.namespace, &group);
+        if let StartInput::Bootstrap(params) = &input {
+            address = bootstrap::in_socket_dir(&address, params.socket_dir.as_deref());
+        }
         let exe = std::env::current_exe().map_err(io_error!(e, "locate shim binary"))?;
         let mut cmd = tokio::process::Command::new(exe);
         cmd.current_dir(&cwd)
@@ -101,14 +106,21 @@ impl Shim for Service {
         if opts.debug {
             cmd.arg("-debug");
         }
+        if let StartInput::Bootstrap(params) = &input
+            && !params.ttrpc_address.is_empty()
+        {
+            // The server publishes events there; containerd 2.3 still sets
+            // TTRPC_ADDRESS too, but the bootstrap parameters are the contract.
+            cmd.env("TTRPC_ADDRESS", &params.ttrpc_address);
+        }
         let mut child = cmd.spawn().map_err(io_error!(e, "spawn shim server"))?;
         let pid = child.id().unwrap_or_default();
         if let Some(cg) = &ropts.shim_cgroup {
             containerd_shim::cgroup::add_task_to_cgroup(cg, pid)?;
         }
-        if let Err(e) = containerd_shim::cgroup::adjust_oom_score(pid) {
-            eprintln!("adjust shim OOM score: {e}");
-        }
+        // Best effort, and silent: containerd reads stdout and stderr of
+        // `start` together as the response, so nothing else may be printed.
+        let _ = containerd_shim::cgroup::adjust_oom_score(pid);
         // The server redirects its stdout once it listens (or found the
         // pod's shim already listening): EOF here means it is ready.
         if let Some(mut out) = child.stdout.take() {
@@ -118,7 +130,15 @@ impl Shim for Service {
                 .map_err(io_error!(e, "wait for shim server"))?;
         }
         write_str_to_file("address", &address).await?;
-        Ok(address)
+        // The crate writes the returned string to stdout as it is; the
+        // containerd 2.3+ response is a protobuf, so it is written here and
+        // the crate is left nothing to add.
+        let mut stdout = std::io::stdout().lock();
+        stdout
+            .write_all(&input.response(&address))
+            .and_then(|()| stdout.flush())
+            .map_err(io_error!(e, "write start response"))?;
+        Ok(String::new())
     }
 
     async fn delete_shim(&mut self) -> ShimResult<DeleteResponse> {

@@ -1,8 +1,14 @@
-//! A private containerd (the distribution's `/usr/bin/containerd`) for one
-//! test: own root, state, socket, runc root, CNI bridge network, cgroup root
-//! and images, configured with the `runc` and `sidetunnel` runtime handlers.
-//! Stopping it (explicitly or on drop) removes every pod through CRI first,
-//! then force-cleans whatever is left.
+//! A private containerd for one test: own root, state, socket, runc root,
+//! CNI bridge network, cgroup root and images, configured with the `runc`
+//! and `sidetunnel` runtime handlers. Stopping it (explicitly or on drop)
+//! removes every pod through CRI first, then force-cleans whatever is left.
+//!
+//! Which containerd: the directory in `SIDETUNNEL_CONTAINERD_DIR` holding
+//! `containerd`, `ctr` and `containerd-shim-runc-v2` (e.g. a 2.x release),
+//! by default the distribution's `/usr/bin`. Its version (`containerd
+//! --version`) selects the config schema (`version = 2` for 1.x, `version = 3`
+//! with the split CRI plugins for 2.x), and that directory comes first on
+//! containerd's PATH so it starts its own runc shim.
 
 mod cleanup;
 mod config;
@@ -19,7 +25,10 @@ pub use config::POD_ANNOTATIONS;
 
 use crate::cri::Cri;
 
-pub const CONTAINERD: &str = "/usr/bin/containerd";
+/// Environment variable naming the directory of the containerd under test.
+pub const CONTAINERD_DIR_ENV: &str = "SIDETUNNEL_CONTAINERD_DIR";
+/// Where the distribution installs containerd.
+const DEFAULT_CONTAINERD_DIR: &str = "/usr/bin";
 /// Debian's containernetworking-plugins.
 pub const CNI_BIN_DIR: &str = "/usr/lib/cni";
 /// containerd namespace the CRI plugin uses.
@@ -34,6 +43,91 @@ pub const CRUN: &str = "crun";
 const START_TIMEOUT: Duration = Duration::from_secs(45);
 const STOP_TIMEOUT: Duration = Duration::from_secs(15);
 const SYSTEM_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// Directory of the containerd under test ([`CONTAINERD_DIR_ENV`], default `/usr/bin`).
+pub fn containerd_dir() -> PathBuf {
+    std::env::var_os(CONTAINERD_DIR_ENV)
+        .filter(|v| !v.is_empty())
+        .map_or_else(|| PathBuf::from(DEFAULT_CONTAINERD_DIR), PathBuf::from)
+}
+
+/// The `containerd` binary under test.
+pub fn containerd_bin() -> PathBuf {
+    containerd_dir().join("containerd")
+}
+
+/// The `ctr` matching the containerd under test.
+pub fn ctr_bin() -> PathBuf {
+    containerd_dir().join("ctr")
+}
+
+/// containerd's own runc shim matching the containerd under test.
+pub fn runc_shim_bin() -> PathBuf {
+    containerd_dir().join("containerd-shim-runc-v2")
+}
+
+/// A containerd release version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Version {
+    pub major: u32,
+    pub minor: u32,
+    pub patch: u32,
+}
+
+impl Version {
+    pub const fn new(major: u32, minor: u32, patch: u32) -> Version {
+        Version {
+            major,
+            minor,
+            patch,
+        }
+    }
+
+    /// Parses `containerd --version` output, e.g. `containerd
+    /// github.com/containerd/containerd 1.6.20~ds1 2.1` or `containerd
+    /// github.com/containerd/containerd/v2 v2.3.4 db88095`.
+    pub fn parse(output: &str) -> Option<Version> {
+        let word = output.split_whitespace().nth(2)?;
+        let mut nums = word.trim_start_matches('v').split('.').map(|part| {
+            let digits: String = part.chars().take_while(char::is_ascii_digit).collect();
+            digits.parse::<u32>().ok()
+        });
+        Some(Version::new(
+            nums.next()??,
+            nums.next()??,
+            nums.next().flatten().unwrap_or(0),
+        ))
+    }
+}
+
+impl std::fmt::Display for Version {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}.{}", self.major, self.minor, self.patch)
+    }
+}
+
+/// Version of the containerd under test (run once, then cached).
+pub fn version() -> Result<Version> {
+    static VERSION: std::sync::OnceLock<std::result::Result<Version, String>> =
+        std::sync::OnceLock::new();
+    VERSION
+        .get_or_init(|| {
+            let bin = containerd_bin();
+            let out = Command::new(&bin)
+                .arg("--version")
+                .output()
+                .map_err(|e| format!("running {} --version: {e}", bin.display()))?;
+            let text = String::from_utf8_lossy(&out.stdout);
+            Version::parse(&text).ok_or_else(|| {
+                format!(
+                    "no version in `{} --version` output {text:?}",
+                    bin.display()
+                )
+            })
+        })
+        .clone()
+        .map_err(anyhow::Error::msg)
+}
 
 /// How to set up the harness containerd.
 #[derive(Debug, Clone, Default)]
@@ -82,6 +176,7 @@ impl std::fmt::Debug for BeforeStart {
 /// containerd process is cleaned up before the slot and the directory go.
 pub struct Containerd {
     child: Option<Child>,
+    version: Version,
     launch: Launch,
     socket: PathBuf,
     snapshotter: String,
@@ -108,7 +203,8 @@ impl Launch {
             .create(true)
             .append(true)
             .open(log)?;
-        Command::new(CONTAINERD)
+        let bin = containerd_bin();
+        Command::new(&bin)
             .arg("--config")
             .arg(&self.config_file)
             .env("PATH", &self.path)
@@ -117,7 +213,7 @@ impl Launch {
             .stdout(log_file.try_clone()?)
             .stderr(log_file)
             .spawn()
-            .with_context(|| format!("starting {CONTAINERD}"))
+            .with_context(|| format!("starting {}", bin.display()))
     }
 }
 
@@ -175,7 +271,9 @@ impl Containerd {
         let socket = d.join("containerd.sock");
         let crun = Path::new("/usr/bin/crun");
         let config_file = d.join("config.toml");
+        let version = version()?;
         let text = config::render(&config::Params {
+            version,
             root: &root,
             state: &state,
             socket: &socket,
@@ -211,6 +309,11 @@ impl Containerd {
         } else {
             format!("{}:{SYSTEM_PATH}", crate::bins::dir().display())
         };
+        // The containerd under test starts its own runc shim.
+        let cd_dir = containerd_dir();
+        if cd_dir != Path::new(DEFAULT_CONTAINERD_DIR) {
+            path = format!("{}:{path}", cd_dir.display());
+        }
         if let Some(shim) = &opts.sidetunnel_shim {
             let shim_dir = d.join("shim-bin");
             std::fs::create_dir_all(&shim_dir)?;
@@ -226,6 +329,7 @@ impl Containerd {
         let child = launch.spawn(&log)?;
         let mut c = Containerd {
             child: Some(child),
+            version,
             launch,
             socket,
             snapshotter,
@@ -239,7 +343,8 @@ impl Containerd {
         };
         c.wait_ready().await?;
         eprintln!(
-            "harness: containerd ready in {:?} (socket {}, snapshotter {}, subnet {}, bridge {})",
+            "harness: containerd {version} ({}) ready in {:?} (socket {}, snapshotter {}, subnet {}, bridge {})",
+            cd_dir.display(),
             started.elapsed(),
             c.socket.display(),
             c.snapshotter,
@@ -348,6 +453,11 @@ impl Containerd {
     /// A new CRI client on this containerd.
     pub async fn cri(&self) -> Result<Cri> {
         Cri::connect(&self.socket).await
+    }
+
+    /// Version of this containerd.
+    pub fn version(&self) -> Version {
+        self.version
     }
 
     pub fn socket(&self) -> &Path {

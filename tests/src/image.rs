@@ -293,7 +293,7 @@ pub fn write_oci_archive(def: &ImageDef, out: &Path) -> Result<()> {
 /// Imports an OCI archive into containerd namespace `namespace` with `ctr`,
 /// unpacking it for `snapshotter`.
 pub fn import(address: &Path, namespace: &str, snapshotter: &str, archive: &Path) -> Result<()> {
-    let mut cmd = Command::new("ctr");
+    let mut cmd = Command::new(crate::containerd::ctr_bin());
     cmd.arg("--address")
         .arg(address)
         .args(["--namespace", namespace])

@@ -253,7 +253,7 @@ impl Drop for MeshNode {
 pub fn node_prerequisites(test: &str) -> bool {
     use crate::{containerd, image, prereq};
     prereq::root(test)
-        && prereq::binary(test, containerd::CONTAINERD)
+        && prereq::binary(test, &containerd::containerd_bin().to_string_lossy())
         && prereq::binary(test, "runc")
         && prereq::binary(test, "nft")
         && prereq::binary(test, image::BUSYBOX_BIN)

@@ -1,4 +1,4 @@
-//! A real containerd (Debian's 1.6) driven over CRI like kubelet, with
+//! A real containerd (Debian's 1.6 by default, see `SIDETUNNEL_CONTAINERD_DIR`) driven over CRI like kubelet, with
 //! containerd's own runc shim: the baseline the sidetunnel runtime must match.
 //! Pods get CNI bridge networking, logs, exec; removal must leave nothing.
 
@@ -17,8 +17,9 @@ const TIMED_PODS: usize = 5;
 
 fn prerequisites() -> bool {
     prereq::root(TEST)
-        && prereq::binary(TEST, containerd::CONTAINERD)
-        && prereq::binary(TEST, "ctr")
+        && prereq::binary(TEST, &containerd::containerd_bin().to_string_lossy())
+        && prereq::binary(TEST, &containerd::ctr_bin().to_string_lossy())
+        && prereq::binary(TEST, &containerd::runc_shim_bin().to_string_lossy())
         && prereq::binary(TEST, "runc")
         && prereq::binary(TEST, image::BUSYBOX_BIN)
         && prereq::binary(TEST, &format!("{}/bridge", containerd::CNI_BIN_DIR))
@@ -56,7 +57,7 @@ async fn run() -> Result<()> {
     // harness's `sidetunnel` handler config (pod_annotations) is checked
     // here independently of the shim under development.
     let h = Containerd::start_with_images(Options {
-        sidetunnel_shim: Some("/usr/bin/containerd-shim-runc-v2".into()),
+        sidetunnel_shim: Some(containerd::runc_shim_bin()),
         ..Options::default()
     })
     .await?;

@@ -105,23 +105,100 @@ fn is_key(k: &str) -> bool {
     !k.is_empty() && k.chars().all(|c| c.is_ascii_lowercase() || c == '_')
 }
 
+/// PATH with the containerd under test first (`SIDETUNNEL_CONTAINERD_DIR`):
+/// the scripts run `containerd` from PATH, as on a node.
+fn containerd_path() -> String {
+    format!(
+        "{}:{}",
+        containerd::containerd_dir().display(),
+        std::env::var("PATH").unwrap_or_default()
+    )
+}
+
+/// `containerd config dump` of `config` by the containerd under test, with
+/// 2.x's single-quoted strings in double quotes. Panics when containerd
+/// rejects the file (a non-zero exit; warnings are only printed).
+fn config_dump(config: &Path) -> String {
+    let out = cmd::output_within(
+        Command::new(containerd::containerd_bin())
+            .arg("--config")
+            .arg(config)
+            .args(["config", "dump"]),
+        Duration::from_secs(60),
+    )
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "containerd rejects {}: {stderr}",
+        config.display()
+    );
+    if !stderr.trim().is_empty() {
+        eprintln!("containerd config dump {}: {stderr}", config.display());
+    }
+    String::from_utf8_lossy(&out.stdout).replace('\'', "\"")
+}
+
+/// The lines of table `header` (and its sub-tables) in a config dump.
+fn dump_section(dump: &str, header: &str) -> String {
+    let mut on = false;
+    let mut out = String::new();
+    for line in dump.lines().map(str::trim) {
+        if line.starts_with('[') {
+            on = line.starts_with(header.trim_end_matches(']'));
+        }
+        if on {
+            out += line;
+            out += "\n";
+        }
+    }
+    out
+}
+
+/// Main configs `install.sh` meets on a node of the containerd under test:
+/// 1.x reads only schema 2; 2.x also loads a 1.x-style schema-2 file
+/// (migrated, with a warning) next to its own schema 3.
+fn main_configs(version: containerd::Version) -> Vec<(&'static str, &'static str)> {
+    let v2 = (
+        "schema 2",
+        "version = 2\n\n[plugins.\"io.containerd.grpc.v1.cri\".cni]\n  bin_dir = \"/custom/cni\"\n",
+    );
+    let v3 = (
+        "schema 3",
+        "version = 3\n\n[plugins.\"io.containerd.cri.v1.runtime\".cni]\n  bin_dir = \"/custom/cni\"\n",
+    );
+    if version.major >= 2 {
+        vec![v2, v3]
+    } else {
+        vec![v2]
+    }
+}
+
 #[test]
 fn install_script_installs_validates_and_uninstalls_in_private_paths() {
-    if !(prereq::binary("install_sh", containerd::CONTAINERD) && prereq::binary("install_sh", "sh"))
+    if !(prereq::binary(
+        "install_sh",
+        &containerd::containerd_bin().to_string_lossy(),
+    ) && prereq::binary("install_sh", "sh"))
     {
         return;
     }
+    let version = containerd::version().unwrap();
+    for (what, main) in main_configs(version) {
+        eprintln!("install.sh, containerd {version}, main config of {what}");
+        install_script_with(version, main);
+    }
+}
+
+fn install_script_with(version: containerd::Version, main: &str) {
     let t = tempfile::tempdir().unwrap();
     let d = t.path();
-    std::fs::write(
-        d.join("config.toml"),
-        "version = 2\n\n[plugins.\"io.containerd.grpc.v1.cri\".cni]\n  bin_dir = \"/custom/cni\"\n",
-    )
-    .unwrap();
+    std::fs::write(d.join("config.toml"), main).unwrap();
     let script = packaging_dir().join("install.sh");
     let run = |extra: &[&str]| {
         let mut c = Command::new("sh");
         c.arg(&script)
+            .env("PATH", containerd_path())
             .arg("--prefix")
             .arg(d.join("usr"))
             .arg("--containerd-config")
@@ -154,9 +231,33 @@ fn install_script_installs_validates_and_uninstalls_in_private_paths() {
     )));
     let dropin = std::fs::read_to_string(d.join("conf.d/sidetunnel.toml")).unwrap();
     assert!(dropin.contains(&format!("ConfigPath = \"{}/etc/config.toml\"", d.display())));
-    // containerd replaces imported plugin sections whole: the drop-in keeps
-    // the main config's CRI settings.
-    assert!(dropin.contains("bin_dir = \"/custom/cni\""), "{dropin}");
+    // The daemon itself loads the result: the merged config has the
+    // sidetunnel handler and still the main config's CRI settings (1.x
+    // replaces imported plugin sections whole, so there the drop-in carries
+    // them; 2.x merges key by key).
+    let dump = config_dump(&d.join("config.toml"));
+    let plugin = if version.major >= 2 {
+        "io.containerd.cri.v1.runtime"
+    } else {
+        "io.containerd.grpc.v1.cri"
+    };
+    let handler = dump_section(
+        &dump,
+        &format!("[plugins.\"{plugin}\".containerd.runtimes.sidetunnel]"),
+    );
+    assert!(
+        handler.contains("runtime_type = \"io.containerd.sidetunnel.v1\"")
+            && handler.contains(&format!("ConfigPath = \"{}/etc/config.toml\"", d.display())),
+        "no sidetunnel handler in containerd {version}'s merged config:\n{dump}"
+    );
+    let cni = dump_section(&dump, &format!("[plugins.\"{plugin}\".cni]"));
+    assert!(
+        cni.contains("\"/custom/cni\""),
+        "main config's CNI bin dir lost:\n{cni}"
+    );
+    if version.major < 2 {
+        assert!(dropin.contains("bin_dir = \"/custom/cni\""), "{dropin}");
+    }
     // The proxy uid can execute the installed proxy (checked by the shim).
     assert!(stdout.contains("proxy OK: "), "{stdout}");
     // Idempotent, and keeps the operator's config.
@@ -305,6 +406,7 @@ async fn pod_through_dropin() {
     let generate = BeforeStart(Arc::new(move |config: &Path| {
         cmd::run_ok(
             Command::new(GENERATOR)
+                .env("PATH", containerd_path())
                 .arg("--containerd-config")
                 .arg(config)
                 .arg("--out")

@@ -230,10 +230,18 @@ async fn sidetunnel_pods_run_under_crun() -> Result<()> {
             let (pod, app) = match app {
                 Ok(x) => x,
                 // crun refuses cgroup v1/v2 hybrid hosts whose unified
-                // hierarchy has controllers. Then the shim must surface
-                // crun's own reason and undo the sandbox hook.
-                Err(e) if format!("{e:#}").contains("hybrid mode not supported") => {
-                    eprintln!("crun cannot run containers on this host's cgroup layout: {e:#}");
+                // hierarchy has controllers, and a crun older than the OCI
+                // runtime-spec containerd writes (Debian 12's crun 1.8.1
+                // knows spec 1.1 at most; containerd 2.0 writes 1.2, 2.2+
+                // writes 1.3: containerd's own runc shim fails the same
+                // way). Then the shim must surface crun's own reason and
+                // undo the sandbox hook.
+                Err(e)
+                    if format!("{e:#}").contains("hybrid mode not supported")
+                        || (c.h.version().major >= 2
+                            && format!("{e:#}").contains("unknown version specified")) =>
+                {
+                    eprintln!("crun cannot run this pod here: {e:#}");
                     for id in cri.list_pods().await? {
                         cri.stop_pod(&id).await?;
                         cri.remove_pod(&id).await?;

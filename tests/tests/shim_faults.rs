@@ -352,6 +352,16 @@ async fn shim_killed(c: &Cluster, mut cri: Cri) -> Result<()> {
             "rules left after the shim crash:\n{rules}"
         );
     }
+    // containerd reports the app container exited once it has cleaned up
+    // after the dead shim, and that takes a race: CRI's Wait on the task
+    // fails as soon as the shim dies, CRI then deletes the task while
+    // containerd may still list the dead shim's tasks (`ttrpc: closed`, seen
+    // with 1.7) and retries with a backoff; until then it calls the
+    // container running and RemovePodSandbox fails with "container is still
+    // running, to stop first". kubelet's PLEG likewise acts on the exit it
+    // observes; so does the test.
+    cri.wait_container_state(&app.id, ContainerState::ContainerExited, WAIT)
+        .await?;
     cri.stop_pod(pod.id()).await?;
     cri.remove_pod(pod.id()).await?;
     c.assert_gone(pod.id(), &netns, &[&app.id]).await?;

@@ -44,12 +44,8 @@ pub fn run(args: &SoakArgs) -> Result<()> {
     if !nix::unistd::geteuid().is_root() {
         bail!("the soak needs root (network namespaces, cgroups, containerd)");
     }
-    for b in [
-        "runc",
-        "nft",
-        "ip",
-        sidetunnel_tests::containerd::CONTAINERD,
-    ] {
+    let containerd = sidetunnel_tests::containerd::containerd_bin();
+    for b in ["runc", "nft", "ip", &containerd.to_string_lossy()] {
         ensure!(
             prereq::which(b).is_some() || Path::new(b).exists(),
             "`{b}` not found"

@@ -189,11 +189,11 @@ async fn measure(bins: &Path, n: usize, burst: usize) -> Result<Report> {
         anyhow::Ok((sequential, bursts, cost))
     }
     .await;
-    let version = std::process::Command::new(sidetunnel_tests::containerd::CONTAINERD)
-        .arg("--version")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default();
+    let version = format!(
+        "{} ({})",
+        h.version(),
+        sidetunnel_tests::containerd::containerd_bin().display()
+    );
     let down = h.shutdown().await;
     drop(mesh);
     let (sequential, burst, cost) = res?;
