@@ -77,6 +77,9 @@ pub struct ProxyPlan {
 
 pub struct Supervisor {
     pub state: watch::Receiver<ProxyState>,
+    /// How the first start went, once known (the state moves on from a
+    /// failed launch to the restart back-off within milliseconds).
+    first: watch::Receiver<Option<Result<(), LaunchFailure>>>,
     stop: watch::Sender<bool>,
     task: tokio::sync::Mutex<Option<JoinHandle<()>>>,
 }
@@ -90,10 +93,12 @@ const FIRST_START_WAIT: Duration = Duration::from_secs(10);
 impl Supervisor {
     pub fn start(plan: ProxyPlan) -> Supervisor {
         let (state_tx, state) = watch::channel(ProxyState::Starting);
+        let (first_tx, first) = watch::channel(None);
         let (stop, stop_rx) = watch::channel(false);
-        let task = tokio::spawn(run(plan, state_tx, stop_rx));
+        let task = tokio::spawn(run(plan, state_tx, first_tx, stop_rx));
         Supervisor {
             state,
+            first,
             stop,
             task: tokio::sync::Mutex::new(Some(task)),
         }
@@ -108,15 +113,11 @@ impl Supervisor {
     /// [`LaunchFailure::is_permanent`]). Anything else, including a proxy
     /// that exits later, is left to the restart loop.
     pub async fn first_start(&self) -> Result<(), LaunchFailure> {
-        let mut rx = self.state.clone();
-        let settled = tokio::time::timeout(
-            FIRST_START_WAIT,
-            rx.wait_for(|s| !matches!(s, ProxyState::Starting)),
-        )
-        .await;
+        let mut rx = self.first.clone();
+        let settled = tokio::time::timeout(FIRST_START_WAIT, rx.wait_for(Option::is_some)).await;
         match settled {
-            Ok(Ok(s)) => match &*s {
-                ProxyState::LaunchFailed(f) if f.is_permanent() => Err(f.clone()),
+            Ok(Ok(first)) => match &*first {
+                Some(Err(f)) if f.is_permanent() => Err(f.clone()),
                 _ => Ok(()),
             },
             _ => Ok(()),
@@ -277,6 +278,7 @@ fn refresh_token(token: &Option<(PathBuf, PathBuf, Duration)>, uid: u32, gid: u3
 async fn run(
     mut plan: ProxyPlan,
     state: watch::Sender<ProxyState>,
+    first: FirstStart,
     mut stop: watch::Receiver<bool>,
 ) {
     let sink = open_log(&plan.log_file);
@@ -297,6 +299,7 @@ async fn run(
             Ok(x) => x,
             Err(e) => {
                 tracing::error!("proxy: {e}");
+                settle_first(&first, Ok(()));
                 state.send_replace(ProxyState::SpawnFailed(e));
                 let delay = plan.backoff.after_run(Duration::ZERO);
                 if sleep_or_stop(delay, &mut stop).await {
@@ -313,6 +316,7 @@ async fn run(
             tracing::error!(pid, permanent = f.is_permanent(), "proxy: {}", f.message);
             plan.record.state = format!("failed to start: {}", f.message);
             save(&plan.record, &plan.paths);
+            settle_first(&first, Err(f.clone()));
             state.send_replace(ProxyState::LaunchFailed(f));
         } else {
             tracing::info!(pid, "proxy started");
@@ -320,6 +324,7 @@ async fn run(
             plan.record.proxy_start_time = record::start_time(pid);
             plan.record.state = "running".into();
             save(&plan.record, &plan.paths);
+            settle_first(&first, Ok(()));
             state.send_replace(ProxyState::Running { pid });
         }
 
@@ -374,6 +379,20 @@ async fn run(
     plan.record.state = "stopped".into();
     save(&plan.record, &plan.paths);
     state.send_replace(ProxyState::Stopped);
+}
+
+/// The first start's outcome (see [`Supervisor::first_start`]): the first
+/// settled value stays, later starts do not change it.
+type FirstStart = watch::Sender<Option<Result<(), LaunchFailure>>>;
+
+fn settle_first(first: &FirstStart, outcome: Result<(), LaunchFailure>) {
+    first.send_if_modified(|f| {
+        if f.is_some() {
+            return false;
+        }
+        *f = Some(outcome);
+        true
+    });
 }
 
 /// Sleeps `d`; true when a stop was requested meanwhile.
