@@ -57,6 +57,8 @@ pub struct ImageDef {
     pub entrypoint: Vec<String>,
     pub cmd: Vec<String>,
     pub entries: Vec<Entry>,
+    /// The config's `User` (empty: root).
+    pub user: String,
 }
 
 fn base_dirs() -> Vec<Entry> {
@@ -121,6 +123,7 @@ pub fn pause() -> Result<ImageDef> {
         entrypoint: vec!["/pause".into()],
         cmd: vec![],
         entries,
+        user: String::new(),
     })
 }
 
@@ -153,6 +156,7 @@ pub fn busybox() -> Result<ImageDef> {
         entrypoint: vec![],
         cmd: vec!["/bin/sh".into()],
         entries,
+        user: String::new(),
     })
 }
 
@@ -237,6 +241,7 @@ pub fn write_oci_archive(def: &ImageDef, out: &Path) -> Result<()> {
             "Entrypoint": def.entrypoint,
             "Cmd": def.cmd,
             "WorkingDir": "/",
+            "User": def.user,
         },
         "rootfs": { "type": "layers", "diff_ids": [layer.digest] },
         "history": [{ "created_by": "sidetunnel-tests image builder" }],
@@ -350,6 +355,7 @@ mod tests {
                     target: "/bin/busybox".into(),
                 },
             ],
+            user: String::new(),
         };
         let file = dir.path().join("a.tar");
         write_oci_archive(&def, &file).unwrap();
