@@ -47,6 +47,11 @@ pub enum Entry {
         path: String,
         target: String,
     },
+    /// A hard link to `target`, an earlier entry's path in the layer.
+    Hardlink {
+        path: String,
+        target: String,
+    },
 }
 
 /// An image to build: one layer plus the runtime config.
@@ -197,6 +202,10 @@ fn layer_tar(entries: &[Entry]) -> Result<Vec<u8>> {
             }
             Entry::Symlink { path, target } => {
                 let mut h = header(tar::EntryType::Symlink, 0o777, 0);
+                b.append_link(&mut h, path, target)?;
+            }
+            Entry::Hardlink { path, target } => {
+                let mut h = header(tar::EntryType::Link, 0o755, 0);
                 b.append_link(&mut h, path, target)?;
             }
         }

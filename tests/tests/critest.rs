@@ -17,6 +17,7 @@ mod shim_support;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -29,7 +30,7 @@ use sidetunnel_tests::critest::front::{Front, Kubelet};
 use sidetunnel_tests::critest::registry::{REGISTRY_BIN, Registry};
 use sidetunnel_tests::critest::report::Results;
 use sidetunnel_tests::critest::{images, registry};
-use sidetunnel_tests::mesh::TokenMinter;
+use sidetunnel_tests::mesh::{self, TokenMinter};
 use sidetunnel_tests::prereq;
 
 /// Bound on one critest run (one handler).
@@ -54,6 +55,12 @@ struct NodeAgent {
     cri_socket: PathBuf,
     inventory: PathBuf,
     workloads: Arc<Mutex<Vec<Workload>>>,
+    /// The shim's state root: sidetunnel pods have a record there.
+    state_root: PathBuf,
+    /// Meshed pods started, and those whose proxy got its own workload
+    /// from meshd over xDS (a stream authenticated with the pod's token).
+    meshed: Arc<AtomicUsize>,
+    configured: Arc<AtomicUsize>,
 }
 
 impl Kubelet for NodeAgent {
@@ -70,6 +77,21 @@ impl Kubelet for NodeAgent {
             self.workloads.clone(),
         );
         let (pod, id) = (pod.clone(), sandbox_id.to_owned());
+        let meshed = self.state_root.join(&id).join("shim.json").exists();
+        if meshed {
+            self.meshed.fetch_add(1, Ordering::Relaxed);
+            let (root, configured) = (self.state_root.clone(), self.configured.clone());
+            let (ns, name, id) = (pod.namespace.clone(), pod.name.clone(), id.clone());
+            tokio::spawn(async move {
+                let limit = Duration::from_secs(30);
+                if mesh::wait_workload_known(&root, &id, &ns, &name, limit)
+                    .await
+                    .is_ok()
+                {
+                    configured.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+        }
         tokio::spawn(async move {
             let ip = match Cri::connect(&socket).await {
                 Ok(mut cri) => cri.pod_ip(&id).await.ok(),
@@ -213,11 +235,15 @@ async fn critest_passes_with_sidetunnel_as_with_runc() -> Result<()> {
         started.elapsed()
     );
 
+    let (meshed, configured) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
     let agent = NodeAgent {
         minter: c.mesh.minter(),
         cri_socket: socket.clone(),
         inventory: c.mesh.inventory_path(),
         workloads: Arc::new(Mutex::new(Vec::new())),
+        state_root: c.state_root.clone(),
+        meshed: meshed.clone(),
+        configured: configured.clone(),
     };
     let front = Front::start(
         &tmp.path().join("kubelet-cri.sock"),
@@ -249,9 +275,17 @@ async fn critest_passes_with_sidetunnel_as_with_runc() -> Result<()> {
         .filter(|s| !expected.contains(s.as_str()))
         .collect();
     let extra: Vec<&String> = st_pass.difference(&runc_pass).collect();
+    // Short-lived pods may go before their proxy's first push: most, not
+    // all, are checked.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (meshed, configured) = (
+        meshed.load(Ordering::Relaxed),
+        configured.load(Ordering::Relaxed),
+    );
     let summary = format!(
         "critest {}: runc {} | sidetunnel {}\npassed with runc only: {missing:#?}\n\
-         passed with sidetunnel only: {extra:#?}\n",
+         passed with sidetunnel only: {extra:#?}\nmeshed pods: {meshed}, proxies that \
+         received their own workload from meshd over xDS: {configured}\n",
         critest.display(),
         runc.counts(),
         st.counts()
@@ -266,6 +300,9 @@ async fn critest_passes_with_sidetunnel_as_with_runc() -> Result<()> {
     drop(reg);
     if !missing.is_empty() {
         bail!("specs pass with runc but not with sidetunnel: {missing:#?}");
+    }
+    if meshed == 0 || configured * 2 < meshed {
+        bail!("the mesh was not on: {configured} of {meshed} sidetunnel pods' proxies configured");
     }
     Ok(())
 }

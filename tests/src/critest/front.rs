@@ -108,6 +108,12 @@ async fn serve(conn: UnixStream, upstream: &Path, kubelet: Arc<dyn Kubelet>) -> 
             if let Some(r) = decode::<api::RunPodSandboxResponse>(&data) {
                 kubelet.after_run(&meta, &r.pod_sandbox_id);
             }
+            if data.is_empty() && trailers.is_none() {
+                // A trailers-only reply (an error) stays one: END_STREAM
+                // on the headers, no frame after them.
+                let body = http_body_util::Empty::new().map_err(|n| match n {});
+                return Ok(hyper::Response::from_parts(parts, body.boxed()));
+            }
             let mut frames = vec![Ok(hyper::body::Frame::data(data))];
             if let Some(t) = trailers {
                 frames.push(Ok(hyper::body::Frame::trailers(t)));

@@ -43,18 +43,67 @@ fn derive(
 ) -> Result<ImageDef> {
     let mut def = busybox()?;
     let path = |e: &Entry| match e {
-        Entry::Dir { path, .. } | Entry::File { path, .. } | Entry::Symlink { path, .. } => {
-            path.clone()
-        }
+        Entry::Dir { path, .. }
+        | Entry::File { path, .. }
+        | Entry::Symlink { path, .. }
+        | Entry::Hardlink { path, .. } => path.clone(),
     };
     let replaced: Vec<String> = extra.iter().map(path).collect();
     def.entries.retain(|e| !replaced.contains(&path(e)));
+    // Applets are hard links, as in the upstream busybox images: masking
+    // one path (MaskedPaths `/bin/ls`) must not mask the shell.
+    for e in &mut def.entries {
+        if let Entry::Symlink { path, target } = e
+            && target == "/bin/busybox"
+        {
+            *e = Entry::Hardlink {
+                path: path.clone(),
+                target: "bin/busybox".into(),
+            };
+        }
+    }
+    def.entries.extend(tools());
     def.entries.extend(extra);
+    def.entries.push(identity(name));
     def.name = name.into();
     def.entrypoint = entrypoint.iter().map(|s| (*s).into()).collect();
     def.cmd = cmd.iter().map(|s| (*s).into()).collect();
     def.user = user.into();
     Ok(def)
+}
+
+/// Applets critest runs that Debian's busybox-static lacks, as scripts
+/// over /proc: `pgrep NAME` (pids whose command name contains NAME) and
+/// `ipcs -m` (System V shared memory segments).
+fn tools() -> Vec<Entry> {
+    vec![
+        file(
+            "usr/bin/pgrep",
+            0o755,
+            "#!/bin/sh\nfor d in /proc/[0-9]*; do\n  c=$(cat \"$d/comm\" 2>/dev/null) || continue\n  \
+             case \"$c\" in *\"$1\"*) echo \"${d#/proc/}\";; esac\ndone\n",
+        ),
+        file(
+            "usr/bin/ipcs",
+            0o755,
+            "#!/bin/sh\necho '------ Shared Memory Segments --------'\n\
+             echo 'key        shmid      perms      bytes      cpid'\n\
+             awk 'NR > 1 { print $1, $2, $3, $4, $5 }' /proc/sysvipc/shm\n",
+        ),
+    ]
+}
+
+/// A file that makes each image its own (distinct image ids, as upstream):
+/// named by the repository, so the tags of one repository
+/// (`test-image-tags:1..3`) stay one image.
+fn identity(name: &str) -> Entry {
+    let repo = name.rsplit_once(':').map_or(name, |(r, _)| r);
+    let repo = if repo.ends_with("/test-image-tags") {
+        repo
+    } else {
+        name
+    };
+    file("etc/critest-image", 0o644, format!("{repo}\n"))
 }
 
 const PASSWD: &str = "root:x:0:0:root:/root:/bin/sh\n\
@@ -179,7 +228,8 @@ pub fn all() -> Result<Vec<ImageDef>> {
             &e("nginx:1.14-2"),
             web_server("usr/sbin/nginx", 80, "usr/share/nginx/html", ""),
             &["/usr/sbin/nginx"],
-            &[],
+            // critest looks for nginx's process title in /proc/1/cmdline.
+            &["master process", "-g", "daemon off;"],
             "",
         )?,
         derive(
@@ -257,6 +307,9 @@ pub fn all() -> Result<Vec<ImageDef>> {
     // Same image from two registries.
     for reg in ["registry.k8s.io", "k8s.gcr.io"] {
         let mut p = crate::image::pause()?;
+        // Not the harness's sandbox image: critest removes this one.
+        p.entries
+            .push(file("etc/critest-image", 0o644, "pause:3.9\n"));
         p.name = format!("{reg}/pause:3.9");
         out.push(p);
     }
