@@ -26,9 +26,11 @@ const DEMO: &[(&str, &str)] = &[
 
 /// What the test suite runs beyond the demo's set: crun (second OCI
 /// runtime), iptables (the CNI portmap plugin), iperf3 (data-plane bench
-/// smoke), the CA bundle (cargo install over TLS).
+/// smoke), the CA bundle (cargo install over TLS), a local image registry
+/// (critest's images, tests/tests/critest.rs).
 const TEST_EXTRA: &[(&str, &str)] = &[
     ("/usr/bin/crun", "crun"),
+    ("/usr/bin/docker-registry", "docker-registry"),
     ("/usr/sbin/iptables", "iptables"),
     ("/usr/bin/iperf3", "iperf3"),
     ("/etc/ssl/certs/ca-certificates.crt", "ca-certificates"),
