@@ -157,6 +157,9 @@ pub struct Options {
     /// Called with the rendered config file before containerd starts (e.g.
     /// to generate a drop-in from it, as a node's installer would).
     pub before_start: Option<BeforeStart>,
+    /// containerd's registry host configuration directory (`config_path`:
+    /// `<host>/hosts.toml`), e.g. to pull from a local registry.
+    pub registry_config_path: Option<PathBuf>,
 }
 
 /// A hook run on the rendered `config.toml` before containerd starts.
@@ -286,6 +289,7 @@ impl Containerd {
             sidetunnel_config: opts.sidetunnel_config.as_deref(),
             imports: &opts.imports,
             crun: crun.exists().then(|| crun.to_owned()),
+            registry_config_path: opts.registry_config_path.as_deref(),
         });
         std::fs::write(&config_file, text)?;
         if let Some(hook) = &opts.before_start {

@@ -47,6 +47,11 @@ pub enum Entry {
         path: String,
         target: String,
     },
+    /// A hard link to `target`, an earlier entry's path in the layer.
+    Hardlink {
+        path: String,
+        target: String,
+    },
 }
 
 /// An image to build: one layer plus the runtime config.
@@ -57,6 +62,8 @@ pub struct ImageDef {
     pub entrypoint: Vec<String>,
     pub cmd: Vec<String>,
     pub entries: Vec<Entry>,
+    /// The config's `User` (empty: root).
+    pub user: String,
 }
 
 fn base_dirs() -> Vec<Entry> {
@@ -121,6 +128,7 @@ pub fn pause() -> Result<ImageDef> {
         entrypoint: vec!["/pause".into()],
         cmd: vec![],
         entries,
+        user: String::new(),
     })
 }
 
@@ -153,6 +161,7 @@ pub fn busybox() -> Result<ImageDef> {
         entrypoint: vec![],
         cmd: vec!["/bin/sh".into()],
         entries,
+        user: String::new(),
     })
 }
 
@@ -193,6 +202,10 @@ fn layer_tar(entries: &[Entry]) -> Result<Vec<u8>> {
             }
             Entry::Symlink { path, target } => {
                 let mut h = header(tar::EntryType::Symlink, 0o777, 0);
+                b.append_link(&mut h, path, target)?;
+            }
+            Entry::Hardlink { path, target } => {
+                let mut h = header(tar::EntryType::Link, 0o755, 0);
                 b.append_link(&mut h, path, target)?;
             }
         }
@@ -237,6 +250,7 @@ pub fn write_oci_archive(def: &ImageDef, out: &Path) -> Result<()> {
             "Entrypoint": def.entrypoint,
             "Cmd": def.cmd,
             "WorkingDir": "/",
+            "User": def.user,
         },
         "rootfs": { "type": "layers", "diff_ids": [layer.digest] },
         "history": [{ "created_by": "sidetunnel-tests image builder" }],
@@ -350,6 +364,7 @@ mod tests {
                     target: "/bin/busybox".into(),
                 },
             ],
+            user: String::new(),
         };
         let file = dir.path().join("a.tar");
         write_oci_archive(&def, &file).unwrap();

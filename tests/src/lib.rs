@@ -7,6 +7,7 @@ pub mod bins;
 pub mod cmd;
 pub mod containerd;
 pub mod cri;
+pub mod critest;
 pub mod image;
 pub mod load;
 pub mod mesh;

@@ -163,22 +163,15 @@ impl MeshNode {
     /// it where `token.path_template` finds it, as the kubelet's projected
     /// `istio-token` volume would.
     pub fn mint_token(&self, namespace: &str, pod: &str, uid: &str, sa: &str) -> Result<PathBuf> {
-        let jwt = run_ok(
-            Command::new(&self.meshd_bin)
-                .arg("token")
-                .arg("--dir")
-                .arg(self.dir.path())
-                .args(["--namespace", namespace, "--service-account", sa])
-                .args(["--pod-name", pod, "--pod-uid", uid, "--ttl", "2h"]),
-            WAIT,
-        )
-        .context("sidetunnel-meshd token")?;
-        let file = self.dir.path().join("tokens").join(namespace).join(pod);
-        std::fs::create_dir_all(&file)?;
-        let file = file.join("token");
-        std::fs::write(&file, jwt.trim())?;
-        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600))?;
-        Ok(file)
+        self.minter().mint(namespace, pod, uid, sa)
+    }
+
+    /// A handle that mints tokens for this meshd from another thread.
+    pub fn minter(&self) -> TokenMinter {
+        TokenMinter {
+            meshd_bin: self.meshd_bin.clone(),
+            dir: self.dir.path().to_owned(),
+        }
     }
 
     /// The shim's node config (`config.toml`) for pods on `h` meshed by this
@@ -244,6 +237,36 @@ refresh_interval = "30s"
 impl Drop for MeshNode {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// Mints service-account tokens with meshd's key (`sidetunnel-meshd
+/// token`) into meshd's token directory.
+#[derive(Debug, Clone)]
+pub struct TokenMinter {
+    meshd_bin: PathBuf,
+    dir: PathBuf,
+}
+
+impl TokenMinter {
+    /// See [`MeshNode::mint_token`].
+    pub fn mint(&self, namespace: &str, pod: &str, uid: &str, sa: &str) -> Result<PathBuf> {
+        let jwt = run_ok(
+            Command::new(&self.meshd_bin)
+                .arg("token")
+                .arg("--dir")
+                .arg(&self.dir)
+                .args(["--namespace", namespace, "--service-account", sa])
+                .args(["--pod-name", pod, "--pod-uid", uid, "--ttl", "2h"]),
+            WAIT,
+        )
+        .context("sidetunnel-meshd token")?;
+        let file = self.dir.join("tokens").join(namespace).join(pod);
+        std::fs::create_dir_all(&file)?;
+        let file = file.join("token");
+        std::fs::write(&file, jwt.trim())?;
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600))?;
+        Ok(file)
     }
 }
 

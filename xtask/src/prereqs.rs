@@ -21,15 +21,18 @@ const DEMO: &[(&str, &str)] = &[
     ("/usr/lib/cni/host-local", "containernetworking-plugins"),
     ("/usr/sbin/nft", "nftables"),
     ("/usr/bin/ip", "iproute2"),
+    // The harness network's CNI portmap plugin (hostPort) runs iptables.
+    ("/usr/sbin/iptables", "iptables"),
     ("/bin/busybox", "busybox-static"),
 ];
 
 /// What the test suite runs beyond the demo's set: crun (second OCI
-/// runtime), iptables (the CNI portmap plugin), iperf3 (data-plane bench
-/// smoke), the CA bundle (cargo install over TLS).
+/// runtime), iperf3 (data-plane bench smoke), the CA bundle (cargo install
+/// over TLS), a local image registry (critest's images,
+/// tests/tests/critest.rs).
 const TEST_EXTRA: &[(&str, &str)] = &[
     ("/usr/bin/crun", "crun"),
-    ("/usr/sbin/iptables", "iptables"),
+    ("/usr/bin/docker-registry", "docker-registry"),
     ("/usr/bin/iperf3", "iperf3"),
     ("/etc/ssl/certs/ca-certificates.crt", "ca-certificates"),
 ];

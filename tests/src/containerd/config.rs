@@ -30,6 +30,8 @@ pub(crate) struct Params<'a> {
     /// Top-level `imports`; when non-empty they define the `sidetunnel`
     /// runtime (an installed drop-in) and the harness does not.
     pub imports: &'a [PathBuf],
+    /// CRI registry host configuration directory (`hosts.toml` per host).
+    pub registry_config_path: Option<&'a Path>,
 }
 
 /// TOML basic string (JSON string escaping is a subset TOML accepts).
@@ -169,6 +171,9 @@ disabled_plugins = [
             p(&c.runc_root.with_extension("crun")),
         );
     }
+    if let Some(dir) = c.registry_config_path {
+        out += &format!("\n[{IMAGES}.registry]\n  config_path = {}\n", p(dir));
+    }
     out += &format!(
         "\n[{RUNTIME}.cni]\n  {cni_bin}\n  conf_dir = {}\n  max_conf_num = 1\n",
         p(c.cni_conf_dir),
@@ -264,6 +269,9 @@ disabled_plugins = [
             p(&c.runc_root.with_extension("crun")),
         );
     }
+    if let Some(dir) = c.registry_config_path {
+        out += &format!("\n[{CRI}.registry]\n  config_path = {}\n", p(dir));
+    }
     out += &format!(
         "\n[{CRI}.cni]\n  bin_dir = {}\n  conf_dir = {}\n  max_conf_num = 1\n",
         p(c.cni_bin_dir),
@@ -273,7 +281,8 @@ disabled_plugins = [
 }
 
 /// A bridge network with host-local IPAM on a private subnet; the bridge is
-/// the pods' gateway so pods reach services the test runs on the host.
+/// the pods' gateway so pods reach services the test runs on the host;
+/// `portmap` publishes hostPort mappings as on a kubelet node.
 pub(crate) fn cni_conflist(
     network: &str,
     bridge: &str,
@@ -295,6 +304,10 @@ pub(crate) fn cni_conflist(
                 "routes": [{ "dst": "0.0.0.0/0" }],
                 "dataDir": ipam_dir,
             },
+        }, {
+            // hostPort mappings, as on a kubelet node.
+            "type": "portmap",
+            "capabilities": { "portMappings": true },
         }],
     })
 }
@@ -320,6 +333,7 @@ mod tests {
             sidetunnel_config: Some(Path::new("/t/sidetunnel.toml")),
             crun,
             imports,
+            registry_config_path: None,
         }
     }
 

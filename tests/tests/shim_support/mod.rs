@@ -98,6 +98,12 @@ impl Cluster {
     /// bridge gateway, then writes the node config. `runtime`: extra TOML
     /// for the node config's `[runtime]` table (e.g. the OCI runtime).
     pub async fn start(runtime: &str) -> Result<Cluster> {
+        Self::start_with(runtime, Options::default()).await
+    }
+
+    /// [`Cluster::start`] with more containerd options (the shim binary
+    /// and its config are the cluster's).
+    pub async fn start_with(runtime: &str, opts: Options) -> Result<Cluster> {
         let mut node = MeshNode::init(&bins::path("sidetunnel-meshd"))?;
         let state_root = node.dir().join("state");
         std::fs::create_dir_all(&state_root)?;
@@ -105,7 +111,7 @@ impl Cluster {
         let h = Containerd::start_with_images(Options {
             sidetunnel_shim: Some(bins::path(SHIM)),
             sidetunnel_config: Some(config.clone()),
-            ..Default::default()
+            ..opts
         })
         .await?;
         node.serve(&h)?;
