@@ -307,11 +307,22 @@ pub fn write_oci_archive(def: &ImageDef, out: &Path) -> Result<()> {
 /// Imports an OCI archive into containerd namespace `namespace` with `ctr`,
 /// unpacking it for `snapshotter`.
 pub fn import(address: &Path, namespace: &str, snapshotter: &str, archive: &Path) -> Result<()> {
+    ctr_import(address, namespace, &["--snapshotter", snapshotter], archive)
+}
+
+/// Imports an OCI archive's content without unpacking it (for pushing it
+/// elsewhere: no snapshotter or platform is involved).
+pub fn import_content(address: &Path, namespace: &str, archive: &Path) -> Result<()> {
+    ctr_import(address, namespace, &["--no-unpack"], archive)
+}
+
+fn ctr_import(address: &Path, namespace: &str, flags: &[&str], archive: &Path) -> Result<()> {
     let mut cmd = Command::new(crate::containerd::ctr_bin());
     cmd.arg("--address")
         .arg(address)
         .args(["--namespace", namespace])
-        .args(["images", "import", "--snapshotter", snapshotter])
+        .args(["images", "import"])
+        .args(flags)
         .arg(archive);
     let out = crate::cmd::output_within(&mut cmd, IMPORT_TIMEOUT)
         .context("running ctr (containerd's CLI)")?;

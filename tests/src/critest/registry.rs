@@ -106,13 +106,13 @@ impl Registry {
         for def in images {
             let file = work.join(format!("{}.oci.tar", def.name.replace(['/', ':'], "_")));
             crate::image::write_oci_archive(def, &file)?;
-            crate::image::import(address, STAGING_NS, "native", &file)?;
+            crate::image::import_content(address, STAGING_NS, &file)?;
             let (_, path) = def
                 .name
                 .split_once('/')
                 .with_context(|| format!("image name {} has no registry", def.name))?;
             let remote = format!("{}/{path}", self.addr);
-            let mut cmd = Command::new("ctr");
+            let mut cmd = Command::new(crate::containerd::ctr_bin());
             cmd.arg("--address")
                 .arg(address)
                 .args(["--namespace", STAGING_NS, "images", "push", "--plain-http"])
