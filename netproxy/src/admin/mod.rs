@@ -61,7 +61,7 @@ pub async fn serve_readiness(listener: TcpListener, readiness: Readiness, stop: 
             return r;
         }
         match req.uri().path() {
-            "/healthz/ready" => match readiness.pending() {
+            sidetunnel_contract::readiness::PATH => match readiness.pending() {
                 p if p.is_empty() => text(StatusCode::OK, "ready\n"),
                 p => text(
                     StatusCode::SERVICE_UNAVAILABLE,

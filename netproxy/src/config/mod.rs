@@ -12,13 +12,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use ipnet::IpNet;
+use sidetunnel_contract::ports;
 
 pub use args::ProxyArgs;
 pub use parse::{parse_duration, parse_mark, parse_size};
-
-/// Istio ambient's packet mark for the proxy's own sockets; the redirection
-/// ruleset lets marked traffic through untouched.
-pub const DEFAULT_MARK: u32 = 0x539;
 
 /// Errors found while loading or validating the configuration.
 #[derive(Debug, thiserror::Error)]
@@ -158,11 +155,11 @@ pub struct Ports {
 impl Default for Ports {
     fn default() -> Self {
         Ports {
-            outbound: 15001,
-            inbound_plaintext: 15006,
-            hbone: 15008,
-            metrics: 15020,
-            readiness: 15021,
+            outbound: ports::OUTBOUND,
+            inbound_plaintext: ports::INBOUND_PLAINTEXT,
+            hbone: ports::HBONE,
+            metrics: ports::METRICS,
+            readiness: ports::READINESS,
         }
     }
 }
