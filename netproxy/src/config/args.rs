@@ -438,7 +438,7 @@ impl ProxyArgs {
         };
 
         let log_level = self.log_level.unwrap_or_else(|| "info".into());
-        crate::admin::logging::parse_filter(&log_level)
+        super::parse_log_filter(&log_level)
             .map_err(|e| ConfigError::invalid("log-level", &log_level, e))?;
 
         let pool_max_streams = self.pool_max_streams.unwrap_or(100);
@@ -487,7 +487,7 @@ impl ProxyArgs {
             xds_idle_timeout: duration_or(
                 "xds-idle-timeout",
                 self.xds_idle_timeout,
-                crate::xds::DEFAULT_IDLE_TIMEOUT.as_secs(),
+                super::DEFAULT_XDS_IDLE_TIMEOUT.as_secs(),
             )?,
             xds_prefetch: self.xds_prefetch,
             pool: PoolConfig {

@@ -25,7 +25,7 @@ mod stream;
 
 use std::time::Duration;
 
-pub use budget::{CopyBudget, DEFAULT_COPY_BUFFER_BUDGET, Grant};
+pub use budget::{CopyBudget, Grant};
 pub use client::{
     ConnectRequest, FIRST_DATA_MAX, Pool, PoolKey, PoolStats, SocketFactory, TcpSocketFactory,
 };

@@ -53,9 +53,6 @@ pub enum Subscription {
     OnDemand { initial: Vec<String> },
 }
 
-/// Default idle time after which an on-demand destination is dropped.
-pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
-
 /// Retry pacing between connection attempts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Backoff {

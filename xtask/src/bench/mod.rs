@@ -19,6 +19,8 @@ use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 use sidetunnel_meshd::scale::{self, Scenario, StudyRow};
 
+use crate::workspace::{git_head, target_dir};
+
 #[derive(clap::Subcommand)]
 pub enum BenchTask {
     /// Per-proxy xDS bytes, apply times, RSS and cluster totals (A, B, C).
@@ -52,13 +54,6 @@ struct Paths {
     /// `None` when the proxy cannot run here (the reason is printed).
     proxy: Option<PathBuf>,
     work: PathBuf,
-}
-
-pub(crate) fn target_dir() -> PathBuf {
-    let dir = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
-    dir.canonicalize().unwrap_or(dir)
 }
 
 fn xds(names: &[String], ks: &[usize]) -> Result<()> {
@@ -111,16 +106,6 @@ fn xds(names: &[String], ks: &[usize]) -> Result<()> {
     println!("{line}");
     eprintln!("(JSON also in {})", out.display());
     Ok(())
-}
-
-pub(crate) fn git_head() -> Option<String> {
-    let out = Command::new("git")
-        .args(["rev-parse", "HEAD"])
-        .output()
-        .ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
 /// Everything measured for one scenario, as JSON.
