@@ -19,6 +19,8 @@ use super::{
 
 /// Settings of `sidetunnel-proxy run`. Every flag also reads the environment
 /// variable shown and the file key of the same name as the flag.
+/// Variables the shim sets are named by `sidetunnel_contract::env`, so the
+/// two cannot drift apart; the others are the proxy's alone.
 #[derive(Debug, Clone, Default, clap::Args, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct ProxyArgs {
