@@ -178,10 +178,10 @@ fn default_ready_timeout() -> Duration {
     Duration::from_secs(30)
 }
 fn default_readiness_port() -> u16 {
-    15021
+    sidetunnel_contract::ports::READINESS
 }
 fn default_readiness_path() -> String {
-    "/healthz/ready".into()
+    sidetunnel_contract::readiness::PATH.into()
 }
 fn default_drain() -> Duration {
     Duration::from_secs(5)

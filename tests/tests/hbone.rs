@@ -14,12 +14,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
+use netproxy::cert_source::{CaClientConfig, CertSource};
 use netproxy::hbone::{
     ConnectRequest, H2Config, HboneError, HboneStream, InboundRequest, Pool, TcpSocketFactory,
 };
-use netproxy::identity::{
-    CaClientConfig, CertSource, CertificateManager, Identity, WorkloadCertificate,
-};
+use netproxy::identity::{CertificateManager, Identity, WorkloadCertificate};
 use netproxy::tls::HboneAcceptor;
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
@@ -774,16 +773,16 @@ async fn meshd_ca_certificates_rotate_during_transfer() {
     within(Duration::from_secs(60), async {
         let meshd = start_meshd().await;
         let ttl = Duration::from_secs(4);
-        let (server_certs, server_task) = CertificateManager::spawn(
-            id(SERVER),
-            meshd.ca_source("server-ns", "server", ttl).await,
-        )
-        .unwrap();
-        let (client_certs, client_task) = CertificateManager::spawn(
-            id(CLIENT),
-            meshd.ca_source("client-ns", "client", ttl).await,
-        )
-        .unwrap();
+        let (server_certs, server_task) = meshd
+            .ca_source("server-ns", "server", ttl)
+            .await
+            .spawn(id(SERVER))
+            .unwrap();
+        let (client_certs, client_task) = meshd
+            .ca_source("client-ns", "client", ttl)
+            .await
+            .spawn(id(CLIENT))
+            .unwrap();
         server_certs.wait_ready().await;
         client_certs.wait_ready().await;
         let first = client_certs.current().unwrap();

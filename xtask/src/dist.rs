@@ -67,7 +67,7 @@ pub fn build(examples: &[String]) -> Result<PathBuf> {
             example,
         ])?;
     }
-    let dir = crate::bench::target_dir().join(triple).join("release");
+    let dir = crate::workspace::target_dir().join(triple).join("release");
     let proxy = dir.join("sidetunnel-proxy");
     if !is_static_elf(&proxy)? {
         bail!(

@@ -15,7 +15,7 @@
 //! every cargo-fuzz build.
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
 use anyhow::{Context, Result, bail};
@@ -166,14 +166,8 @@ impl Stats {
 
 impl Fuzz {
     fn new() -> Result<Fuzz> {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .parent()
-            .context("xtask has no parent directory")?
-            .to_path_buf();
-        let target_dir = std::env::var_os("CARGO_TARGET_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| root.join("target"))
-            .join("fuzz");
+        let root = crate::workspace::root();
+        let target_dir = crate::workspace::target_dir().join("fuzz");
         Ok(Fuzz {
             dir: root.join("tests").join("fuzz"),
             target_dir,

@@ -9,6 +9,7 @@ mod dist;
 mod fuzz;
 mod prereqs;
 mod soak;
+mod workspace;
 
 use std::process::Command;
 

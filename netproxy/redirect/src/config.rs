@@ -9,6 +9,7 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use sidetunnel_contract::ports;
 
 use crate::Error;
 
@@ -108,13 +109,13 @@ pub struct RedirectConfig {
 impl Default for RedirectConfig {
     fn default() -> Self {
         RedirectConfig {
-            outbound_port: 15001,
-            inbound_plaintext_port: 15006,
-            hbone_port: 15008,
-            metrics_port: 15020,
-            readiness_port: 15021,
+            outbound_port: ports::OUTBOUND,
+            inbound_plaintext_port: ports::INBOUND_PLAINTEXT,
+            hbone_port: ports::HBONE,
+            metrics_port: ports::METRICS,
+            readiness_port: ports::READINESS,
             dns_port: 15053,
-            proxy_mark: 0x539,
+            proxy_mark: ports::MARK,
             mark_mask: 0xfff,
             tproxy_mark: 0x111,
             route_table: 100,

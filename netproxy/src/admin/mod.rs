@@ -61,7 +61,7 @@ pub async fn serve_readiness(listener: TcpListener, readiness: Readiness, stop: 
             return r;
         }
         match req.uri().path() {
-            "/healthz/ready" => match readiness.pending() {
+            sidetunnel_contract::readiness::PATH => match readiness.pending() {
                 p if p.is_empty() => text(StatusCode::OK, "ready\n"),
                 p => text(
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -195,7 +195,7 @@ fn percent_decode(s: &str) -> String {
 /// Binds a TCP listener for the metrics or readiness port with the proxy's
 /// mark (so its replies are never redirected back into the proxy).
 pub fn bind_tcp(addr: SocketAddr, mark: u32) -> std::io::Result<TcpListener> {
-    crate::proxy::socket::listener(addr, mark, false)
+    crate::socket::listener(addr, mark, false)
 }
 
 #[cfg(test)]

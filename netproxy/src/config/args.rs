@@ -9,15 +9,18 @@ use std::path::{Path, PathBuf};
 
 use ipnet::IpNet;
 use serde::Deserialize;
+use sidetunnel_contract as contract;
 
 use super::parse::{duration_or, parse_mark, parse_size, string_or_int};
 use super::{
-    CertSource, Config, ConfigError, DEFAULT_MARK, Endpoint, InboundPolicy, Limits, LogFormat,
+    CertSource, Config, ConfigError, Endpoint, InboundPolicy, Limits, LogFormat,
     MAX_CONNECTIONS_CAP, MAX_COPY_BUFFER_BUDGET, PodIdentity, PoolConfig, Ports, XdsMode,
 };
 
 /// Settings of `sidetunnel-proxy run`. Every flag also reads the environment
 /// variable shown and the file key of the same name as the flag.
+/// Variables the shim sets are named by `sidetunnel_contract::env`, so the
+/// two cannot drift apart; the others are the proxy's alone.
 #[derive(Debug, Clone, Default, clap::Args, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct ProxyArgs {
@@ -28,25 +31,25 @@ pub struct ProxyArgs {
     pub config: Option<PathBuf>,
 
     /// Pod namespace (required).
-    #[arg(long, env = "SIDETUNNEL_POD_NAMESPACE", help_heading = "Pod")]
+    #[arg(long, env = contract::env::POD_NAMESPACE, help_heading = "Pod")]
     pub pod_namespace: Option<String>,
     /// Pod name (required).
-    #[arg(long, env = "SIDETUNNEL_POD_NAME", help_heading = "Pod")]
+    #[arg(long, env = contract::env::POD_NAME, help_heading = "Pod")]
     pub pod_name: Option<String>,
     /// Pod UID.
-    #[arg(long, env = "SIDETUNNEL_POD_UID", help_heading = "Pod")]
+    #[arg(long, env = contract::env::POD_UID, help_heading = "Pod")]
     pub pod_uid: Option<String>,
     /// Pod service account [default: default].
-    #[arg(long, env = "SIDETUNNEL_SERVICE_ACCOUNT", help_heading = "Pod")]
+    #[arg(long, env = contract::env::SERVICE_ACCOUNT, help_heading = "Pod")]
     pub service_account: Option<String>,
     /// Node the pod runs on.
-    #[arg(long, env = "SIDETUNNEL_NODE_NAME", help_heading = "Pod")]
+    #[arg(long, env = contract::env::NODE_NAME, help_heading = "Pod")]
     pub node_name: Option<String>,
     /// Cluster ID sent to the CA and xDS server [default: Kubernetes].
-    #[arg(long, env = "SIDETUNNEL_CLUSTER_ID", help_heading = "Pod")]
+    #[arg(long, env = contract::env::CLUSTER_ID, help_heading = "Pod")]
     pub cluster_id: Option<String>,
     /// SPIFFE trust domain [default: cluster.local].
-    #[arg(long, env = "SIDETUNNEL_TRUST_DOMAIN", help_heading = "Pod")]
+    #[arg(long, env = contract::env::TRUST_DOMAIN, help_heading = "Pod")]
     pub trust_domain: Option<String>,
     /// Network of the pod (Istio multi-network) [default: ""].
     #[arg(long, env = "SIDETUNNEL_NETWORK", help_heading = "Pod")]
@@ -62,7 +65,7 @@ pub struct ProxyArgs {
     pub pod_ips: Vec<String>,
 
     /// Control plane (xDS) address, `host:port` or `https://host:port` (required).
-    #[arg(long, env = "SIDETUNNEL_XDS_ADDRESS", help_heading = "Control plane")]
+    #[arg(long, env = contract::env::XDS_ADDRESS, help_heading = "Control plane")]
     pub xds_address: Option<String>,
     /// TLS server name of the xDS server [default: host of --xds-address].
     #[arg(
@@ -74,7 +77,7 @@ pub struct ProxyArgs {
     /// PEM roots that sign the xDS server certificate (required).
     #[arg(
         long,
-        env = "SIDETUNNEL_XDS_ROOT_CERT",
+        env = contract::env::XDS_ROOT_CERT,
         value_name = "FILE",
         help_heading = "Control plane"
     )]
@@ -88,7 +91,7 @@ pub struct ProxyArgs {
     )]
     pub xds_mode: Option<XdsMode>,
     /// Istio CA address [default: --xds-address]; ignored with --cert-file.
-    #[arg(long, env = "SIDETUNNEL_CA_ADDRESS", help_heading = "Certificates")]
+    #[arg(long, env = contract::env::CA_ADDRESS, help_heading = "Certificates")]
     pub ca_address: Option<String>,
     /// TLS server name of the CA [default: host of --ca-address].
     #[arg(long, env = "SIDETUNNEL_CA_SERVER_NAME", help_heading = "Certificates")]
@@ -105,7 +108,7 @@ pub struct ProxyArgs {
     /// every request (required in CA mode, optional with --cert-file).
     #[arg(
         long,
-        env = "SIDETUNNEL_TOKEN_FILE",
+        env = contract::env::TOKEN_FILE,
         value_name = "FILE",
         help_heading = "Certificates"
     )]
@@ -136,27 +139,27 @@ pub struct ProxyArgs {
     pub roots_file: Option<PathBuf>,
 
     /// Outbound capture port [default: 15001].
-    #[arg(long, env = "SIDETUNNEL_OUTBOUND_PORT", help_heading = "Ports")]
+    #[arg(long, env = contract::env::OUTBOUND_PORT, help_heading = "Ports")]
     pub outbound_port: Option<u16>,
     /// Inbound plaintext capture port [default: 15006].
     #[arg(
         long,
-        env = "SIDETUNNEL_INBOUND_PLAINTEXT_PORT",
+        env = contract::env::INBOUND_PLAINTEXT_PORT,
         help_heading = "Ports"
     )]
     pub inbound_plaintext_port: Option<u16>,
     /// Inbound HBONE port [default: 15008].
-    #[arg(long, env = "SIDETUNNEL_HBONE_PORT", help_heading = "Ports")]
+    #[arg(long, env = contract::env::HBONE_PORT, help_heading = "Ports")]
     pub hbone_port: Option<u16>,
     /// Prometheus metrics port [default: 15020].
-    #[arg(long, env = "SIDETUNNEL_METRICS_PORT", help_heading = "Ports")]
+    #[arg(long, env = contract::env::METRICS_PORT, help_heading = "Ports")]
     pub metrics_port: Option<u16>,
     /// Readiness port [default: 15021].
-    #[arg(long, env = "SIDETUNNEL_READINESS_PORT", help_heading = "Ports")]
+    #[arg(long, env = contract::env::READINESS_PORT, help_heading = "Ports")]
     pub readiness_port: Option<u16>,
     /// Packet mark on every proxy socket, exempted by the redirection rules
     /// [default: 0x539].
-    #[arg(long, env = "SIDETUNNEL_MARK", help_heading = "Ports")]
+    #[arg(long, env = contract::env::MARK, help_heading = "Ports")]
     #[serde(default, deserialize_with = "string_or_int")]
     pub mark: Option<String>,
 
@@ -164,7 +167,7 @@ pub struct ProxyArgs {
     /// no admin API when unset.
     #[arg(
         long,
-        env = "SIDETUNNEL_ADMIN_SOCKET",
+        env = contract::env::ADMIN_SOCKET,
         value_name = "PATH",
         help_heading = "Runtime"
     )]
@@ -338,9 +341,9 @@ impl ProxyArgs {
             namespace: required(
                 self.pod_namespace,
                 "pod-namespace",
-                "SIDETUNNEL_POD_NAMESPACE",
+                contract::env::POD_NAMESPACE,
             )?,
-            name: required(self.pod_name, "pod-name", "SIDETUNNEL_POD_NAME")?,
+            name: required(self.pod_name, "pod-name", contract::env::POD_NAME)?,
             uid: self.pod_uid,
             service_account: self.service_account.unwrap_or_else(|| "default".into()),
             node_name: self.node_name,
@@ -366,12 +369,12 @@ impl ProxyArgs {
             check_name(flag, value)?;
         }
 
-        let xds_address = required(self.xds_address, "xds-address", "SIDETUNNEL_XDS_ADDRESS")?;
+        let xds_address = required(self.xds_address, "xds-address", contract::env::XDS_ADDRESS)?;
         let (xds_address, xds_host) = super::parse::grpc_address("xds-address", &xds_address)?;
         let xds_root = required(
             self.xds_root_cert,
             "xds-root-cert",
-            "SIDETUNNEL_XDS_ROOT_CERT",
+            contract::env::XDS_ROOT_CERT,
         )?;
         let xds = Endpoint {
             address: xds_address.clone(),
@@ -402,7 +405,7 @@ impl ProxyArgs {
                 if self.token_file.is_none() {
                     return Err(ConfigError::Missing {
                         flag: "token-file",
-                        env: "SIDETUNNEL_TOKEN_FILE",
+                        env: contract::env::TOKEN_FILE,
                     });
                 }
                 CertSource::IstioCa {
@@ -433,11 +436,11 @@ impl ProxyArgs {
 
         let mark = match self.mark {
             Some(m) => parse_mark(&m).map_err(|e| ConfigError::invalid("mark", &m, e))?,
-            None => DEFAULT_MARK,
+            None => contract::ports::MARK,
         };
 
         let log_level = self.log_level.unwrap_or_else(|| "info".into());
-        crate::admin::logging::parse_filter(&log_level)
+        super::parse_log_filter(&log_level)
             .map_err(|e| ConfigError::invalid("log-level", &log_level, e))?;
 
         let pool_max_streams = self.pool_max_streams.unwrap_or(100);
@@ -466,7 +469,7 @@ impl ProxyArgs {
         )?;
 
         // Checked here so a bad entry fails the start with the flag named.
-        crate::xds::prefetch_names(&self.xds_prefetch, &pod.network)
+        sidetunnel_contract::prefetch::prefetch_names(&self.xds_prefetch, &pod.network)
             .map_err(|e| ConfigError::invalid("xds-prefetch", &e.entry, &e.reason))?;
 
         Ok(Config {
@@ -486,7 +489,7 @@ impl ProxyArgs {
             xds_idle_timeout: duration_or(
                 "xds-idle-timeout",
                 self.xds_idle_timeout,
-                crate::xds::DEFAULT_IDLE_TIMEOUT.as_secs(),
+                super::DEFAULT_XDS_IDLE_TIMEOUT.as_secs(),
             )?,
             xds_prefetch: self.xds_prefetch,
             pool: PoolConfig {

@@ -5,6 +5,7 @@
 //! start with a readable message instead of misbehaving later.
 
 mod args;
+mod log;
 mod parse;
 
 use std::net::IpAddr;
@@ -12,13 +13,18 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use ipnet::IpNet;
+use sidetunnel_contract::ports;
 
 pub use args::ProxyArgs;
+pub use log::{LogFilterError, LogFormat, parse_log_filter};
 pub use parse::{parse_duration, parse_mark, parse_size};
 
-/// Istio ambient's packet mark for the proxy's own sockets; the redirection
-/// ruleset lets marked traffic through untouched.
-pub const DEFAULT_MARK: u32 = 0x539;
+/// Default idle time after which an on-demand destination is dropped.
+pub const DEFAULT_XDS_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// Default budget of grown copy buffers: 32 MiB, enough for 64 directions
+/// at the largest chunk (two 256 KiB buffers each).
+pub const DEFAULT_COPY_BUFFER_BUDGET: usize = 32 << 20;
 
 /// Errors found while loading or validating the configuration.
 #[derive(Debug, thiserror::Error)]
@@ -136,15 +142,6 @@ pub enum InboundPolicy {
     Permissive,
 }
 
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
-)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    Text,
-    Json,
-}
-
 /// The proxy's listening ports (Istio conventions by default).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct Ports {
@@ -158,11 +155,11 @@ pub struct Ports {
 impl Default for Ports {
     fn default() -> Self {
         Ports {
-            outbound: 15001,
-            inbound_plaintext: 15006,
-            hbone: 15008,
-            metrics: 15020,
-            readiness: 15021,
+            outbound: ports::OUTBOUND,
+            inbound_plaintext: ports::INBOUND_PLAINTEXT,
+            hbone: ports::HBONE,
+            metrics: ports::METRICS,
+            readiness: ports::READINESS,
         }
     }
 }
@@ -219,7 +216,7 @@ impl Default for Limits {
             max_connections: 16384,
             stream_window: 4 << 20,
             connection_window: 16 << 20,
-            copy_buffer_budget: crate::hbone::DEFAULT_COPY_BUFFER_BUDGET as u64,
+            copy_buffer_budget: DEFAULT_COPY_BUFFER_BUDGET as u64,
         }
     }
 }

@@ -252,7 +252,7 @@ fn duration_and_mark_parsers() {
 #[test]
 fn xds_scoping_flags_parse_and_validate() {
     let c = parse(&[]).unwrap();
-    assert_eq!(c.xds_idle_timeout, crate::xds::DEFAULT_IDLE_TIMEOUT);
+    assert_eq!(c.xds_idle_timeout, crate::config::DEFAULT_XDS_IDLE_TIMEOUT);
     assert!(c.xds_prefetch.is_empty());
 
     let c = parse(&[

@@ -18,9 +18,7 @@
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
-/// Default budget: 32 MiB, enough for 64 directions at the largest chunk
-/// (two 256 KiB buffers each).
-pub const DEFAULT_COPY_BUFFER_BUDGET: usize = 32 << 20;
+use crate::config::DEFAULT_COPY_BUFFER_BUDGET;
 
 static GLOBAL: CopyBudget = CopyBudget::new(DEFAULT_COPY_BUFFER_BUDGET);
 

@@ -21,16 +21,17 @@ mod copy;
 mod headers;
 mod ping;
 pub mod server;
+mod splice;
 mod stream;
 
 use std::time::Duration;
 
-pub use budget::{CopyBudget, DEFAULT_COPY_BUFFER_BUDGET, Grant};
+pub use budget::{CopyBudget, Grant};
 pub use client::{
     ConnectRequest, FIRST_DATA_MAX, Pool, PoolKey, PoolStats, SocketFactory, TcpSocketFactory,
 };
 pub use copy::{
-    CONNECTION_COPY_CAP, CopyCounters, CopyResult, INITIAL_CHUNK, MAX_CHUNK, SEND_BUFFER, Splice,
+    CONNECTION_COPY_CAP, CopyCounters, CopyResult, INITIAL_CHUNK, MAX_CHUNK, SEND_BUFFER,
     copy_bidirectional,
 };
 pub use headers::{
@@ -38,6 +39,7 @@ pub use headers::{
     forwarded_host, parse_authority,
 };
 pub use server::{InboundRequest, serve_connection};
+pub use splice::Splice;
 pub use stream::HboneStream;
 
 /// The HBONE port.

@@ -111,7 +111,7 @@ impl WorkloadCertificate {
         for root in &roots {
             root_store.add(root.clone()).map_err(CertError::Root)?;
         }
-        let signer = crate::tls::provider()
+        let signer = crate::crypto::provider()
             .key_provider
             .load_private_key(key)
             .map_err(CertError::Key)?;

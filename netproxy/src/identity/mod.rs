@@ -1,87 +1,18 @@
-//! Workload identity: SPIFFE identities, workload certificates and where they
-//! come from (the Istio CA over gRPC, or certificate files provisioned by the
-//! platform), kept fresh by a background task and shared through a
-//! [`CertificateManager`].
-//!
-//! Private keys live only in this process's memory (CA mode: generated here,
-//! never written) or in files the platform mounts for the proxy alone.
+//! Workload identity: SPIFFE identities, workload certificates (parsed and
+//! checked) and the current one, shared through a [`CertificateManager`].
+//! Below TLS, which serves and verifies these; where certificates come from
+//! (the Istio CA over TLS, or files) is `crate::cert_source`, above TLS.
 
-mod caclient;
 mod certificate;
-mod files;
 mod manager;
 mod spiffe;
 #[cfg(test)]
-mod testca;
+pub(crate) mod testca;
 
-use std::path::PathBuf;
-
-pub use caclient::{CaClient, CaClientConfig};
+pub(crate) use certificate::parse_certs;
 pub use certificate::{
     CertError, CertificateInfo, WorkloadCertificate, identities_of, not_after_of,
     parse_pem_certificates,
 };
-pub use files::FileSourceConfig;
 pub use manager::CertificateManager;
 pub use spiffe::{Identity, IdentityParseError};
-
-/// Errors obtaining a certificate.
-#[derive(Debug, thiserror::Error)]
-pub enum IdentityError {
-    #[error(transparent)]
-    Cert(#[from] CertError),
-    #[error("reading {path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("token file {0} is empty")]
-    EmptyToken(PathBuf),
-    #[error("invalid CA address {address:?}: {detail}")]
-    CaAddress { address: String, detail: String },
-    #[error("CA TLS setup: {0}")]
-    CaTls(String),
-    #[error("generating the key or CSR: {0}")]
-    Csr(#[from] rcgen::Error),
-    #[error("CreateCertificate failed: {0}")]
-    CaStatus(#[from] Box<tonic::Status>),
-    #[error("CreateCertificate timed out after {0:?}")]
-    CaTimeout(std::time::Duration),
-    #[error("CA response: {0}")]
-    CaResponse(String),
-    #[error("invalid header value for {header}: {detail}")]
-    Header {
-        header: &'static str,
-        detail: String,
-    },
-}
-
-/// Where the workload certificate comes from.
-#[derive(Debug, Clone)]
-pub enum CertSource {
-    /// Istio CA (`istio.v1.auth.IstioCertificateService/CreateCertificate`).
-    IstioCa(CaClientConfig),
-    /// PEM files written by the platform, polled for changes.
-    Files(FileSourceConfig),
-}
-
-impl CertificateManager {
-    /// Creates a manager for `identity` and spawns the task that fills and
-    /// renews it from `source`. The task runs until the returned handle is
-    /// aborted. Must be called inside a tokio runtime.
-    pub fn spawn(
-        identity: Identity,
-        source: CertSource,
-    ) -> Result<(CertificateManager, tokio::task::JoinHandle<()>), IdentityError> {
-        let manager = CertificateManager::new(identity);
-        let task = match source {
-            CertSource::IstioCa(cfg) => {
-                let client = CaClient::new(cfg)?;
-                tokio::spawn(caclient::run(client, manager.clone()))
-            }
-            CertSource::Files(cfg) => tokio::spawn(files::run(cfg, manager.clone())),
-        };
-        Ok((manager, task))
-    }
-}

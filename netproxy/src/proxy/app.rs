@@ -13,14 +13,13 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-use super::{Drain, Listeners, ProxyInputs, socket};
+use super::{Drain, Listeners, ProxyInputs};
 use crate::admin::{self, LogControl, Readiness};
+use crate::cert_source::{CaClientConfig, CertSource, CertSourceError, FileSourceConfig};
 use crate::config::{CertSource as CfgCertSource, Config};
-use crate::identity::{
-    CaClientConfig, CertSource, CertificateManager, FileSourceConfig, Identity, IdentityError,
-    IdentityParseError,
-};
+use crate::identity::{CertificateManager, Identity, IdentityParseError};
 use crate::metrics::Metrics;
+use crate::socket;
 use crate::state::Store;
 use crate::xds::{XdsClient, XdsConfig, XdsHandle};
 
@@ -40,7 +39,7 @@ pub enum StartError {
     #[error("pod identity: {0}")]
     Identity(#[from] IdentityParseError),
     #[error("certificate source: {0}")]
-    CertSource(#[from] IdentityError),
+    CertSource(#[from] CertSourceError),
     #[error("HBONE TLS setup: {0}")]
     Tls(#[from] crate::tls::TlsError),
     #[error("listing the pod's addresses: {0}")]
@@ -82,7 +81,7 @@ pub async fn run(cfg: Config, logs: LogControl) -> Result<(), StartError> {
         &cfg.pod.namespace,
         &cfg.pod.service_account,
     )?;
-    let (certs, cert_task) = CertificateManager::spawn(identity.clone(), cert_source(&cfg))?;
+    let (certs, cert_task) = cert_source(&cfg).spawn(identity.clone())?;
     let store = Arc::new(Store::with_demand_timeout(cfg.on_demand_timeout));
     let (xds, xds_task) = XdsClient::new(
         XdsConfig::from_proxy_config(&cfg, &local_ips),

@@ -24,12 +24,13 @@ use tokio::net::TcpStream;
 use tracing::debug;
 
 use super::outbound::finish_copy;
-use super::{Drain, ProxyInputs, socket, upstream};
+use super::{Drain, ProxyInputs, upstream};
 use crate::authz;
 use crate::hbone::{InboundRequest, serve_connection};
 use crate::metrics::{
     ConnectionOpen, Peer, Reporter, ResponseFlags, SecurityPolicy, TrafficMetrics,
 };
+use crate::socket;
 use crate::state::{Address, Service, Workload};
 use crate::tls::HboneAcceptor;
 

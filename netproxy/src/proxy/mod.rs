@@ -10,7 +10,8 @@
 //! Every socket carries the proxy mark. On shutdown the listeners close
 //! first, open connections get the grace period, then are cut.
 //!
-//! Submodules: `socket` (marks, TPROXY, original destination), `route`
+//! Sockets (marks, TPROXY, original destination) are [`crate::socket`]'s.
+//! Submodules: `route`
 //! (destination choice), `outbound`, `inbound` (HBONE), `plaintext`,
 //! `drain` (graceful shutdown), `upstream` (connection to the local app),
 //! `limits` (the bounded connection table).
@@ -22,7 +23,6 @@ pub mod limits;
 mod outbound;
 mod plaintext;
 pub mod route;
-pub mod socket;
 mod upstream;
 
 use std::io;
@@ -38,6 +38,7 @@ use crate::config::Config;
 use crate::hbone::{self, H2Config, Pool, SocketFactory};
 use crate::identity::{CertificateManager, Identity};
 use crate::metrics::Metrics;
+use crate::socket;
 use crate::state::{Store, Workload};
 
 pub use app::{StartError, run as run_app};

@@ -12,12 +12,13 @@ use bytes::Bytes;
 use tokio::net::TcpStream;
 
 use super::route::{self, Upstream};
-use super::{Drain, ProxyInputs, socket};
+use super::{Drain, ProxyInputs};
 use crate::hbone::{Baggage, ConnectRequest, FIRST_DATA_MAX, copy_bidirectional};
 use crate::metrics::{
     ConnectionOpen, ConnectionRecorder, Peer, Reporter, ResponseFlags, SecurityPolicy,
     TrafficMetrics,
 };
+use crate::socket;
 use crate::state::Workload;
 
 #[derive(Debug, thiserror::Error)]

@@ -13,13 +13,14 @@ use std::time::Duration;
 use tokio::net::TcpStream;
 
 use super::outbound::finish_copy;
-use super::{Drain, ProxyInputs, socket, upstream};
+use super::{Drain, ProxyInputs, upstream};
 use crate::authz;
 use crate::config::InboundPolicy;
 use crate::hbone::copy_bidirectional;
 use crate::metrics::{
     ConnectionOpen, Peer, Reporter, ResponseFlags, SecurityPolicy, TrafficMetrics,
 };
+use crate::socket;
 
 const SOURCE_LOOKUP_BOUND: Duration = Duration::from_secs(1);
 

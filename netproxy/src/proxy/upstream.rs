@@ -14,7 +14,7 @@ use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
 use super::ProxyInputs;
-use super::socket::{self, SourceBinding};
+use crate::socket::{self, SourceBinding};
 
 static WARNED: AtomicBool = AtomicBool::new(false);
 

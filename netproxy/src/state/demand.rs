@@ -10,7 +10,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use super::index::parse_network_addr;
+use super::types::NetworkAddr;
 
 type Slot = Arc<AtomicU64>;
 
@@ -29,7 +29,7 @@ impl DemandLog {
             return;
         }
         let slot = Arc::new(AtomicU64::new(now));
-        if let Some(key) = parse_network_addr(name) {
+        if let Some(key) = NetworkAddr::parse(name) {
             self.by_ip
                 .entry(key.address)
                 .or_default()
@@ -42,7 +42,7 @@ impl DemandLog {
         if self.names.remove(name).is_none() {
             return;
         }
-        if let Some(key) = parse_network_addr(name)
+        if let Some(key) = NetworkAddr::parse(name)
             && let Some(v) = self.by_ip.get_mut(&key.address)
         {
             v.retain(|(n, _)| *n != key.network);

@@ -51,7 +51,7 @@ impl Indexes {
         if let Some(s) = self.services.get(name) {
             return Some(Address::Service(s.clone()));
         }
-        let key = parse_network_addr(name)?;
+        let key = NetworkAddr::parse(name)?;
         self.workload_by_addr(&key.network, key.address)
             .map(Address::Workload)
             .or_else(|| {
@@ -164,7 +164,7 @@ impl Indexes {
     pub fn remove_address(&mut self, name: &str) {
         if !self.remove_workload(name)
             && !self.remove_service(name)
-            && let Some(key) = parse_network_addr(name)
+            && let Some(key) = NetworkAddr::parse(name)
         {
             if let Some(w) = self.workload_addrs.get(&key.network, key.address) {
                 self.remove_workload(&w.uid);
@@ -212,16 +212,6 @@ impl Indexes {
             }
         }
     }
-}
-
-/// Parses istiod's `network/IP` alias (the network may be empty).
-pub(super) fn parse_network_addr(name: &str) -> Option<NetworkAddr> {
-    let (network, ip) = name.rsplit_once('/')?;
-    if network.contains('/') {
-        return None;
-    }
-    let ip: IpAddr = ip.parse().ok()?;
-    Some(NetworkAddr::new(network, ip))
 }
 
 /// IP → objects holding it, each with the network it is on. Lookups take

@@ -25,6 +25,17 @@ impl NetworkAddr {
             address,
         }
     }
+
+    /// Parses istiod's `network/IP` alias (the network may be empty);
+    /// `None` for any other resource name.
+    pub fn parse(name: &str) -> Option<NetworkAddr> {
+        let (network, ip) = name.rsplit_once('/')?;
+        if network.contains('/') {
+            return None;
+        }
+        let ip: IpAddr = ip.parse().ok()?;
+        Some(NetworkAddr::new(network, ip))
+    }
 }
 
 /// Formats as istiod's resource alias: `network/IP` (`/10.0.0.1` on the

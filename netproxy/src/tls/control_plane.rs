@@ -21,7 +21,8 @@ use rustls::ClientConfig;
 use tokio::net::TcpStream;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
-use super::{HBONE_ALPN, TlsError, provider};
+use super::{HBONE_ALPN, TlsError};
+use crate::crypto::provider;
 
 /// A tonic/hyper connector opening TCP connections from sockets marked with
 /// `mark` (0: unmarked). Resolves the URI's host and tries each address in
@@ -58,7 +59,7 @@ impl MarkedConnector {
         );
         for addr in addrs {
             let attempt = async {
-                crate::proxy::socket::marked_socket(addr, self.mark)?
+                crate::socket::marked_socket(addr, self.mark)?
                     .connect(addr)
                     .await
             };

@@ -11,15 +11,15 @@ mod control_plane;
 mod verify;
 
 use std::net::Ipv4Addr;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
-use rustls::crypto::CryptoProvider;
 use rustls::{ClientConfig, ServerConfig};
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
+use crate::crypto::provider;
 use crate::identity::{CertificateManager, Identity, identities_of};
 
 pub use control_plane::{MarkedConnector, control_plane_channel, control_plane_client_config};
@@ -41,23 +41,6 @@ pub enum TlsError {
     NoPeerIdentity,
     #[error("control plane TLS: {0}")]
     ControlPlane(String),
-}
-
-/// The crypto provider for all of the proxy's TLS: ring, restricted to the
-/// TLS 1.3 AES-GCM suites (the FIPS-friendly set ztunnel uses).
-pub fn provider() -> Arc<CryptoProvider> {
-    static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
-    PROVIDER
-        .get_or_init(|| {
-            Arc::new(CryptoProvider {
-                cipher_suites: vec![
-                    rustls::crypto::ring::cipher_suite::TLS13_AES_256_GCM_SHA384,
-                    rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256,
-                ],
-                ..rustls::crypto::ring::default_provider()
-            })
-        })
-        .clone()
 }
 
 /// Serves the current certificate of a manager to rustls (server side and

@@ -11,7 +11,7 @@ use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 
-use super::provider;
+use crate::crypto::provider;
 use crate::identity::{CertificateManager, Identity, identities_of};
 
 /// A rustls error carrying our own message (shows up in handshake errors).

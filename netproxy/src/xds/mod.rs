@@ -19,14 +19,14 @@
 //!
 //! Submodules: `client` (the stream loop), `handler` (response → store
 //! update + verdict), `node` (ztunnel-format node id/metadata), `stats`,
-//! `from_config` (settings from the proxy's [`crate::config::Config`]),
-//! `prefetch` (prefetch entries → resource names).
+//! `from_config` (settings from the proxy's [`crate::config::Config`]).
+//! Prefetch entries become resource names by the grammar the shim checks
+//! them with ([`sidetunnel_contract::prefetch`]).
 
 mod client;
 mod from_config;
 pub mod handler;
 mod node;
-mod prefetch;
 mod stats;
 
 use std::path::PathBuf;
@@ -34,12 +34,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Serialize;
+use sidetunnel_contract::prefetch::{PrefetchError, prefetch_names};
 use tokio::sync::{mpsc, watch};
 
 pub use client::XdsClient;
 pub use from_config::own_workload_uid;
 pub use node::{ISTIO_VERSION, NodeInfo};
-pub use prefetch::{PrefetchError, prefetch_names};
 pub use sidetunnel_proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
 pub use stats::{XdsCounters, XdsStats};
 
@@ -52,9 +52,6 @@ pub enum Subscription {
     /// idle), more on demand.
     OnDemand { initial: Vec<String> },
 }
-
-/// Default idle time after which an on-demand destination is dropped.
-pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// Retry pacing between connection attempts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -22,6 +22,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use sidetunnel_contract::env as proxy_env;
 use sidetunnel_oci::{PodInfo, Role};
 use sidetunnel_redirect::RedirectConfig;
 use tokio::sync::Mutex;
@@ -410,36 +411,33 @@ fn plan(p: &Prepared, pause_pid: i32) -> std::result::Result<ProxyPlan, String> 
     if px.standard_env {
         let r = &p.redirect;
         let mut std_env = vec![
-            ("SIDETUNNEL_POD_NAMESPACE", pod.namespace.clone()),
-            ("SIDETUNNEL_POD_NAME", pod.name.clone()),
-            ("SIDETUNNEL_POD_UID", pod.uid.clone()),
-            ("SIDETUNNEL_SERVICE_ACCOUNT", service_account.clone()),
-            ("SIDETUNNEL_CLUSTER_ID", node.mesh.cluster_id.clone()),
-            ("SIDETUNNEL_TRUST_DOMAIN", node.mesh.trust_domain.clone()),
-            ("SIDETUNNEL_XDS_ADDRESS", node.mesh.xds_address.clone()),
-            ("SIDETUNNEL_XDS_ROOT_CERT", roots.display().to_string()),
+            (proxy_env::POD_NAMESPACE, pod.namespace.clone()),
+            (proxy_env::POD_NAME, pod.name.clone()),
+            (proxy_env::POD_UID, pod.uid.clone()),
+            (proxy_env::SERVICE_ACCOUNT, service_account.clone()),
+            (proxy_env::CLUSTER_ID, node.mesh.cluster_id.clone()),
+            (proxy_env::TRUST_DOMAIN, node.mesh.trust_domain.clone()),
+            (proxy_env::XDS_ADDRESS, node.mesh.xds_address.clone()),
+            (proxy_env::XDS_ROOT_CERT, roots.display().to_string()),
+            (proxy_env::ADMIN_SOCKET, admin_socket.display().to_string()),
+            (proxy_env::OUTBOUND_PORT, r.outbound_port.to_string()),
             (
-                "SIDETUNNEL_ADMIN_SOCKET",
-                admin_socket.display().to_string(),
-            ),
-            ("SIDETUNNEL_OUTBOUND_PORT", r.outbound_port.to_string()),
-            (
-                "SIDETUNNEL_INBOUND_PLAINTEXT_PORT",
+                proxy_env::INBOUND_PLAINTEXT_PORT,
                 r.inbound_plaintext_port.to_string(),
             ),
-            ("SIDETUNNEL_HBONE_PORT", r.hbone_port.to_string()),
-            ("SIDETUNNEL_METRICS_PORT", r.metrics_port.to_string()),
-            ("SIDETUNNEL_READINESS_PORT", r.readiness_port.to_string()),
-            ("SIDETUNNEL_MARK", format!("{:#x}", r.proxy_mark)),
+            (proxy_env::HBONE_PORT, r.hbone_port.to_string()),
+            (proxy_env::METRICS_PORT, r.metrics_port.to_string()),
+            (proxy_env::READINESS_PORT, r.readiness_port.to_string()),
+            (proxy_env::MARK, format!("{:#x}", r.proxy_mark)),
         ];
         if let Some(ca) = &node.mesh.ca_address {
-            std_env.push(("SIDETUNNEL_CA_ADDRESS", ca.clone()));
+            std_env.push((proxy_env::CA_ADDRESS, ca.clone()));
         }
         if let Some(n) = &node.mesh.node_name {
-            std_env.push(("SIDETUNNEL_NODE_NAME", n.clone()));
+            std_env.push((proxy_env::NODE_NAME, n.clone()));
         }
         if let Some(t) = &token {
-            std_env.push(("SIDETUNNEL_TOKEN_FILE", t.1.display().to_string()));
+            std_env.push((proxy_env::TOKEN_FILE, t.1.display().to_string()));
         }
         env.extend(std_env.into_iter().map(|(k, v)| (k.to_owned(), v)));
     }

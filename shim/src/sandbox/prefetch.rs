@@ -1,9 +1,10 @@
 //! The pod annotation `sidetunnel.io/prefetch` (destinations the proxy
 //! subscribes to at start), checked here with the proxy's own grammar
-//! ([`netproxy::xds::prefetch_names`]) so a bad entry fails RunPodSandbox
-//! with a message naming the annotation, instead of starting a proxy that
-//! exits at every restart; then handed to the proxy as `--xds-prefetch`.
+//! ([`prefetch_names`], from the contract both share) so a bad entry fails
+//! RunPodSandbox with a message naming the annotation, instead of starting a
+//! proxy that exits at every restart; then handed to the proxy as [`FLAG`].
 
+use sidetunnel_contract::prefetch::{FLAG, prefetch_names};
 use sidetunnel_oci::settings::PREFETCH;
 
 /// The proxy argument carrying `entries` (none for an empty list), or why
@@ -13,9 +14,8 @@ pub fn proxy_arg(entries: &[String]) -> Result<Option<String>, String> {
         return Ok(None);
     }
     // The network only changes how IPs are spelled, not what is valid.
-    netproxy::xds::prefetch_names(entries, "")
-        .map_err(|e| format!("annotation {PREFETCH}: {e}"))?;
-    Ok(Some(format!("--xds-prefetch={}", entries.join(","))))
+    prefetch_names(entries, "").map_err(|e| format!("annotation {PREFETCH}: {e}"))?;
+    Ok(Some(format!("{FLAG}={}", entries.join(","))))
 }
 
 #[cfg(test)]

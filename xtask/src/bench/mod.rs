@@ -7,18 +7,28 @@
 //! totals and the spread over all pods, and prints per scenario a Markdown
 //! table in the study's shape plus one JSON line (also written to
 //! `target/bench/xds.json`).
+//!
+//! This module runs the measurements; `meshd` is the control-plane process,
+//! `proxy` the real proxy's memory, `report` the tables, `projection` the
+//! extrapolation to 50,000 pods.
 
+mod meshd;
 mod podstart;
+mod projection;
 mod proxy;
+mod report;
 
-use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
 
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
-use sidetunnel_meshd::scale::{self, Scenario, StudyRow};
+use sidetunnel_meshd::scale::{self, Scenario};
+
+use crate::workspace::{git_head, target_dir};
+use meshd::Meshd;
+use projection::project;
+use report::{markdown, num};
 
 #[derive(clap::Subcommand)]
 pub enum BenchTask {
@@ -41,7 +51,6 @@ pub enum BenchTask {
 
 /// Destinations per pod in the cluster totals (the reference pod).
 const CLUSTER_K: usize = 10;
-const ANNOUNCE_TIMEOUT: Duration = Duration::from_secs(60);
 
 pub fn run(task: BenchTask) -> Result<()> {
     match task {
@@ -68,13 +77,6 @@ struct Paths {
     /// `None` when the proxy cannot run here (the reason is printed).
     proxy: Option<PathBuf>,
     work: PathBuf,
-}
-
-pub(crate) fn target_dir() -> PathBuf {
-    let dir = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
-    dir.canonicalize().unwrap_or(dir)
 }
 
 fn xds(names: &[String], ks: &[usize]) -> Result<()> {
@@ -127,16 +129,6 @@ fn xds(names: &[String], ks: &[usize]) -> Result<()> {
     println!("{line}");
     eprintln!("(JSON also in {})", out.display());
     Ok(())
-}
-
-pub(crate) fn git_head() -> Option<String> {
-    let out = Command::new("git")
-        .args(["rev-parse", "HEAD"])
-        .output()
-        .ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
 /// Everything measured for one scenario, as JSON.
@@ -346,359 +338,4 @@ fn output(c: &mut Command) -> Result<String> {
 fn probe(c: &mut Command) -> Result<Value> {
     let out = output(c)?;
     serde_json::from_str(out.trim()).with_context(|| format!("probe printed {out:?}"))
-}
-
-/// A `sidetunnel-meshd serve` process, stopped on drop.
-struct Meshd {
-    child: Child,
-    addr: String,
-}
-
-impl Meshd {
-    /// Starts `serve` (a `sidetunnel-meshd serve --listen 127.0.0.1:0`
-    /// command) and waits for the address it announces.
-    fn start(mut serve: Command, log: &Path) -> Result<Meshd> {
-        let mut child = serve
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(log)?)
-            .spawn()
-            .with_context(|| format!("starting {serve:?}"))?;
-        let stdout = child.stdout.take().context("meshd stdout")?;
-        let announced = sidetunnel_tests::mesh::meshd_listen_addr(stdout, ANNOUNCE_TIMEOUT);
-        let mut meshd = Meshd {
-            child,
-            addr: String::new(),
-        };
-        match announced {
-            Ok(a) => {
-                meshd.addr = a.to_string();
-                Ok(meshd)
-            }
-            // Dropping `meshd` stops the process.
-            Err(line) => bail!(
-                "sidetunnel-meshd did not start (stdout {line:?}); see {}",
-                log.display()
-            ),
-        }
-    }
-}
-
-impl Drop for Meshd {
-    fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-        let _ = self.child.wait();
-    }
-}
-
-/// Bytes with the study's units (kB = 1000 B).
-fn bytes(n: f64) -> String {
-    match n {
-        n if n >= 1e9 => format!("{:.2} GB", n / 1e9),
-        n if n >= 1e6 => format!("{:.2} MB", n / 1e6),
-        n if n >= 1e3 => format!("{:.1} kB", n / 1e3),
-        n => format!("{n:.0} B"),
-    }
-}
-
-fn opt(v: Option<u64>) -> String {
-    v.map_or_else(|| "–".to_string(), |n| bytes(n as f64))
-}
-
-fn num(v: &Value, what: &str) -> Result<f64> {
-    v.as_f64().with_context(|| format!("{what} missing in {v}"))
-}
-
-fn study_row(name: &str, r: &StudyRow) -> String {
-    format!(
-        "| {name} | {} | {} | {} | {} | {} | {} |\n",
-        opt(r.wds),
-        opt(r.cds),
-        opt(r.eds),
-        opt(r.lds),
-        opt(r.rds),
-        bytes(r.total as f64)
-    )
-}
-
-fn markdown(sc: &Scenario, r: &Value) -> Result<String> {
-    let study = scale::study(sc.name).context("study row")?;
-    let mut md = String::new();
-    let pods = sc.pods as f64;
-    writeln!(
-        md,
-        "\n### Scenario {}: {} services / {} pods\n",
-        sc.name, sc.services, sc.pods
-    )?;
-    md.push_str("| bytes per proxy | WDS | CDS | EDS | LDS | RDS | total |\n");
-    md.push_str("| --- | --- | --- | --- | --- | --- | --- |\n");
-    md.push_str(&study_row("Envoy sidecar (study)", &study.envoy_sidecar));
-    md.push_str(&study_row(
-        "ztunnel sidecar (study)",
-        &study.ztunnel_sidecar,
-    ));
-    let row = |label: String, v: &Value| -> Result<String> {
-        Ok(format!(
-            "| {label} | {} | – | – | – | – | {} |\n",
-            bytes(num(&v["address_bytes"], "address_bytes")?),
-            bytes(num(&v["bytes"], "bytes")?)
-        ))
-    };
-    let w = &r["wildcard"];
-    md.push_str(&row("sidetunnel, full WDS (wildcard)".into(), w)?);
-    for s in r["scoped"].as_array().into_iter().flatten() {
-        let k = num(&s["k"], "k")?;
-        md.push_str(&row(
-            format!(
-                "sidetunnel, scoped: pod → {k} service{}",
-                if k == 1.0 { "" } else { "s" }
-            ),
-            s,
-        )?);
-    }
-    md.push_str("\n(sidetunnel totals include the Authorization resources; WDS = Address.)\n\n");
-    md.push_str(&spread_table(r, sc.pods)?);
-
-    let full = num(&w["address_bytes"], "address_bytes")?;
-    let scoped10 = r["scoped"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|s| s["k"] == json!(CLUSTER_K));
-    let a = &r["apply"];
-    let m = &r["model"]["cluster"];
-    md.push_str("| measure | value |\n| --- | --- |\n");
-    let mut line = |k: &str, v: String| writeln!(md, "| {k} | {v} |");
-    if let Some(s) = scoped10 {
-        let b = num(&s["bytes"], "bytes")?;
-        line(
-            "scoped config (pod → 10 services) / full WDS, bench pod",
-            format!("{:.2} % ({} / {})", 100.0 * b / full, bytes(b), bytes(full)),
-        )?;
-    }
-    let mean = r["model"]["spread"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|s| s["k"] == json!(CLUSTER_K))
-        .map(|s| num(&s["mean"], "mean"))
-        .transpose()?;
-    if let Some(mean) = mean {
-        line(
-            "scoped config (pod → 10 services) / full WDS, mean over all pods",
-            format!(
-                "{:.2} % ({} / {})",
-                100.0 * mean / full,
-                bytes(mean),
-                bytes(full)
-            ),
-        )?;
-    }
-    line(
-        "decode + apply full snapshot, one core (median)",
-        format!("{:.1} ms", num(&a["full_apply_ms_median"], "full apply")?),
-    )?;
-    line(
-        "decode + apply one incremental update (median)",
-        format!("{:.1} µs", num(&a["update_apply_us_median"], "update")?),
-    )?;
-    let rss = |v: &Value| -> Result<String> {
-        Ok(format!(
-            "{:.1} MB: heap+stacks {:.2} MB (before connecting {:.2} MB), binary's pages {:.1} MB",
-            num(&v["rss_kb"], "rss")? / 1024.0,
-            num(&v["rss_anon_kb"], "rss")? / 1024.0,
-            num(&v["rss_anon_start_kb"], "rss")? / 1024.0,
-            num(&v["rss_file_kb"], "rss")? / 1024.0,
-        ))
-    };
-    line("xds_probe RSS after sync, full config", rss(w)?)?;
-    if let Some(s) = scoped10 {
-        line("xds_probe RSS after sync, scoped (10 services)", rss(s)?)?;
-    }
-    for p in r["proxy"].as_array().into_iter().flatten() {
-        let what = if p["mode"] == json!("wildcard") {
-            "full config (wildcard)".to_string()
-        } else {
-            format!("scoped, on-demand ({} services prefetched)", p["k"])
-        };
-        line(
-            &format!("sidetunnel-proxy (release) RSS after sync, {what}"),
-            format!(
-                "{:.1} MB: RssAnon {:.2} MB, RssFile {:.2} MB ({} threads; received {}: {} workloads, {} services, {} policies)",
-                num(&p["rss_kb"], "rss")? / 1024.0,
-                num(&p["rss_anon_kb"], "rss")? / 1024.0,
-                num(&p["rss_file_kb"], "rss")? / 1024.0,
-                p["threads"],
-                bytes(num(&p["bytes"], "bytes")?),
-                p["workloads"],
-                p["services"],
-                p["policies"],
-            ),
-        )?;
-    }
-    line(
-        "cluster: one full sync of all pods, Envoy sidecar (study)",
-        bytes(study.envoy_sidecar.total as f64 * pods),
-    )?;
-    line(
-        "cluster: one full sync of all pods, ztunnel sidecar (study)",
-        bytes(study.ztunnel_sidecar.total as f64 * pods),
-    )?;
-    line(
-        "cluster: one full sync of all pods, sidetunnel wildcard",
-        bytes(num(&m["full_sync_wildcard"], "full sync")?),
-    )?;
-    line(
-        "cluster: one full sync of all pods, sidetunnel scoped (each pod → 10 services)",
-        bytes(num(&m["full_sync_scoped"], "scoped sync")?),
-    )?;
-    let churned = num(&m["churned_pods"], "churned")?;
-    line(
-        &format!("cluster: pushed when 1% of pods ({churned}) are replaced, wildcard"),
-        bytes(num(&m["churn_push_wildcard"], "churn")?),
-    )?;
-    line(
-        &format!("cluster: pushed when 1% of pods ({churned}) are replaced, scoped"),
-        format!(
-            "{} (to {} of {} proxies)",
-            bytes(num(&m["churn_push_scoped"], "churn")?),
-            m["churn_receivers_scoped"],
-            sc.pods
-        ),
-    )?;
-    Ok(md)
-}
-
-/// How scoped bytes spread over all pods (the model's `spread`), with the
-/// bench pod's own bytes and rank.
-fn spread_table(r: &Value, pods: usize) -> Result<String> {
-    let mut md = String::new();
-    let pod = &r["model"]["pod"]["index"];
-    writeln!(
-        md,
-        "| scoped config over all {pods} pods | bench pod (no. {pod}) | rank | min | p10 | median | mean | p90 | max |"
-    )?;
-    md.push_str("| --- | --- | --- | --- | --- | --- | --- | --- | --- |\n");
-    for s in r["model"]["spread"].as_array().into_iter().flatten() {
-        let Some(mine) = r["model"]["scoped"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|m| m["k"] == s["k"])
-        else {
-            continue;
-        };
-        let b = |k: &str| -> Result<String> { Ok(bytes(num(&s[k], k)?)) };
-        writeln!(
-            md,
-            "| pod → {} service{} | {} | {} of {pods} below | {} | {} | {} | {} | {} | {} |",
-            s["k"],
-            if s["k"] == json!(1) { "" } else { "s" },
-            bytes(num(&mine["bytes"], "bytes")?),
-            mine["pods_below"],
-            b("min")?,
-            b("p10")?,
-            b("median")?,
-            b("mean")?,
-            b("p90")?,
-            b("max")?,
-        )?;
-    }
-    md.push('\n');
-    Ok(md)
-}
-
-/// Target of the paper projection.
-const PROJECT_PODS: f64 = 50_000.0;
-const PROJECT_SERVICES: f64 = 10_000.0;
-
-/// Paper projection to 50,000 pods / 10,000 services from scenario C's
-/// measured per-object costs (same shape: 5 pods per service, policies in
-/// proportion to services, each pod talking to 10 services drawn
-/// uniformly, so each service has pods × 10 / services subscribers).
-fn project(c: &Value) -> Result<(String, Value)> {
-    let o = &c["model"]["per_object"];
-    let w = num(&o["workload"], "workload")?;
-    let s = num(&o["service"], "service")?;
-    let p = num(&o["policy"], "policy")?;
-    let ea = num(&o["address_envelope"], "envelope")?;
-    let ez = num(&o["authorization_envelope"], "envelope")?;
-    let removal = num(&o["workload_removal"], "removal")?;
-    let scale_up = PROJECT_SERVICES / num(&c["services"], "services")?;
-    let policies = num(&o["policies"], "policies")? * scale_up;
-    let pods_per_service = PROJECT_PODS / PROJECT_SERVICES;
-    let k = CLUSTER_K as f64;
-    let scoped10 = c["scoped"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|r| r["k"] == json!(CLUSTER_K))
-        .context("no scoped row with 10 services in scenario C")?;
-    let own_policies = num(&scoped10["policies"], "policies")?;
-
-    let full = ea + PROJECT_PODS * w + PROJECT_SERVICES * s + ez + policies * p;
-    let scoped = w + k * (s + pods_per_service * w) + own_policies * p + (1.0 + k) * ea + ez;
-    let churned = PROJECT_PODS / 100.0;
-    let one = 2.0 * ea + removal + w;
-    let subscribers = PROJECT_PODS * k / PROJECT_SERVICES;
-    let study = scale::study("C").context("study row")?;
-    let v = json!({
-        "pods": PROJECT_PODS,
-        "services": PROJECT_SERVICES,
-        "full_bytes_per_proxy": full,
-        "scoped_bytes_per_proxy": scoped,
-        "full_sync_wildcard": full * PROJECT_PODS,
-        "full_sync_scoped": scoped * PROJECT_PODS,
-        "churn_push_wildcard": churned * one * (PROJECT_PODS - 1.0),
-        "churn_push_scoped": churned * one * subscribers,
-        "envoy_sidecar_linear": study.envoy_sidecar.total as f64 * scale_up,
-        "ztunnel_sidecar_linear": study.ztunnel_sidecar.total as f64 * scale_up,
-    });
-    let mut md = String::new();
-    writeln!(
-        md,
-        "\n### Paper projection: {PROJECT_PODS:.0} pods / {PROJECT_SERVICES:.0} services (from scenario C's per-object costs)\n"
-    )?;
-    md.push_str("| | per proxy | one full sync, all pods | pushed when 1% of pods are replaced |\n| --- | --- | --- | --- |\n");
-    let row = |md: &mut String, name: &str, per: f64, churn: Option<f64>| {
-        writeln!(
-            md,
-            "| {name} | {} | {} | {} |",
-            bytes(per),
-            bytes(per * PROJECT_PODS),
-            churn.map_or_else(|| "–".to_string(), bytes)
-        )
-    };
-    row(
-        &mut md,
-        "Envoy sidecar (study ×10, linear)",
-        num(&v["envoy_sidecar_linear"], "envoy")?,
-        None,
-    )?;
-    row(
-        &mut md,
-        "ztunnel sidecar (study ×10, linear)",
-        num(&v["ztunnel_sidecar_linear"], "ztunnel")?,
-        None,
-    )?;
-    row(
-        &mut md,
-        "sidetunnel wildcard",
-        full,
-        Some(num(&v["churn_push_wildcard"], "churn")?),
-    )?;
-    row(
-        &mut md,
-        "sidetunnel scoped (pod → 10 services)",
-        scoped,
-        Some(num(&v["churn_push_scoped"], "churn")?),
-    )?;
-    writeln!(
-        md,
-        "\nPer object (scenario C, bytes inside a response): workload {w:.0}, service {s:.0}, policy {p:.0}, workload removal {removal:.0}, response envelope {ea:.0}."
-    )?;
-    Ok((md, v))
 }

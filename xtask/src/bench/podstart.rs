@@ -91,7 +91,7 @@ pub fn run(args: &Args) -> Result<()> {
         .enable_all()
         .build()?;
     let report = rt.block_on(measure(&bins, n, burst))?;
-    let out = super::target_dir().join("bench");
+    let out = crate::workspace::target_dir().join("bench");
     std::fs::create_dir_all(&out)?;
     let md = report.markdown();
     std::fs::write(out.join("podstart.md"), &md)?;

@@ -148,7 +148,7 @@ pub fn run(args: &Args) -> Result<()> {
         latency: secs(args.secs, "--secs")?,
         quick: false,
         proxy_args: args.proxy_args.clone(),
-        logs: Some(crate::bench::target_dir().join("bench/dataplane-logs")),
+        logs: Some(crate::workspace::target_dir().join("bench/dataplane-logs")),
         only: args.only.clone(),
         ztunnel: args.ztunnel.clone(),
         ztunnel_only_in: args.ztunnel_only_in,
@@ -170,7 +170,7 @@ pub fn run(args: &Args) -> Result<()> {
         None => crate::dist::build(&[])?,
     };
     let report = bench(&plan, &bin_dir)?;
-    let out = crate::bench::target_dir().join("bench");
+    let out = crate::workspace::target_dir().join("bench");
     std::fs::create_dir_all(&out)?;
     let out = out.canonicalize()?;
     std::fs::write(out.join("dataplane.md"), &report.markdown)?;
@@ -262,7 +262,7 @@ pub fn bench(plan: &Plan, bin_dir: &Path) -> Result<Report> {
             .unwrap_or_default(),
         "loadavg_start": load_start,
         "loadavg_end": loadavg(),
-        "commit": crate::bench::git_head(),
+        "commit": crate::workspace::git_head(),
     });
     Ok(report::build(plan, &samples, meta))
 }

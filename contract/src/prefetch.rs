@@ -1,11 +1,15 @@
-//! Turns a pod's prefetch list (annotation `sidetunnel.io/prefetch`:
-//! comma-separated hostnames or IPs) into on-demand Address resource names
-//! as istiod spells them, so known dependencies are subscribed at start and
-//! the first connection to them does not wait for a control-plane round trip.
+//! A pod's prefetch list (annotation `sidetunnel.io/prefetch`:
+//! comma-separated hostnames or IPs), handed by the shim to the proxy as
+//! [`FLAG`], which the proxy turns into on-demand Address resource names as
+//! istiod spells them, so known dependencies are subscribed at start and the
+//! first connection to them does not wait for a control-plane round trip.
+//! One grammar for both: the shim checks the list with [`prefetch_names`]
+//! so a bad entry fails RunPodSandbox instead of every proxy start.
 
 use std::net::IpAddr;
 
-use crate::state::NetworkAddr;
+/// The proxy's command-line flag carrying the list (comma separated).
+pub const FLAG: &str = "--xds-prefetch";
 
 /// Cluster domain appended to `name.namespace.svc` (Kubernetes' default).
 const CLUSTER_DOMAIN: &str = "cluster.local";
@@ -34,7 +38,9 @@ pub fn prefetch_names(entries: &[String], network: &str) -> Result<Vec<String>, 
             reason: reason.to_string(),
         };
         let name = if let Ok(ip) = entry.parse::<IpAddr>() {
-            NetworkAddr::new(network, ip).to_string()
+            // istiod's alias of an address: `network/IP`, `/IP` on the
+            // default network.
+            format!("{network}/{ip}")
         } else if let Some((ns, host)) = entry.split_once('/') {
             if ns.is_empty() || host.is_empty() || host.contains('/') {
                 return Err(err("expected namespace/hostname"));

@@ -19,8 +19,8 @@ use sidetunnel_proto::istio::ca::IstioCertificateRequest;
 use sidetunnel_proto::istio::ca::istio_certificate_service_client::IstioCertificateServiceClient;
 use tonic::transport::Channel;
 
-use super::certificate::parse_certs;
-use super::{CertificateManager, Identity, IdentityError, WorkloadCertificate};
+use super::CertSourceError;
+use crate::identity::{CertificateManager, Identity, WorkloadCertificate, parse_certs};
 
 /// How to reach and authenticate to the Istio CA.
 #[derive(Debug, Clone)]
@@ -75,8 +75,8 @@ pub struct CaClient {
 
 impl CaClient {
     /// Reads the root file and prepares the TLS channel (connects lazily).
-    pub fn new(cfg: CaClientConfig) -> Result<Self, IdentityError> {
-        let roots = std::fs::read(&cfg.root_cert).map_err(|source| IdentityError::Io {
+    pub fn new(cfg: CaClientConfig) -> Result<Self, CertSourceError> {
+        let roots = std::fs::read(&cfg.root_cert).map_err(|source| CertSourceError::Io {
             path: cfg.root_cert.clone(),
             source,
         })?;
@@ -86,7 +86,7 @@ impl CaClient {
             cfg.server_name.as_deref(),
             cfg.mark,
         )
-        .map_err(|e| IdentityError::CaTls(e.to_string()))?;
+        .map_err(|e| CertSourceError::CaTls(e.to_string()))?;
         Ok(Self {
             client: IstioCertificateServiceClient::new(channel),
             cfg,
@@ -95,7 +95,7 @@ impl CaClient {
 
     /// Requests one certificate for `identity`. The key is generated here and
     /// never leaves memory.
-    pub async fn fetch(&self, identity: &Identity) -> Result<WorkloadCertificate, IdentityError> {
+    pub async fn fetch(&self, identity: &Identity) -> Result<WorkloadCertificate, CertSourceError> {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
         let mut params = CertificateParams::default();
         params.subject_alt_names = vec![SanType::URI(identity.to_string().try_into()?)];
@@ -116,14 +116,14 @@ impl CaClient {
         let response =
             tokio::time::timeout(self.cfg.request_timeout, client.create_certificate(request))
                 .await
-                .map_err(|_| IdentityError::CaTimeout(self.cfg.request_timeout))?
+                .map_err(|_| CertSourceError::CaTimeout(self.cfg.request_timeout))?
                 .map_err(Box::new)?
                 .into_inner();
 
         let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
         let cert = from_response(response.cert_chain, key)?;
         if cert.identity() != identity {
-            return Err(IdentityError::CaResponse(format!(
+            return Err(CertSourceError::CaResponse(format!(
                 "issued certificate is for {}, requested {identity}",
                 cert.identity()
             )));
@@ -134,11 +134,11 @@ impl CaClient {
     async fn add_headers(
         &self,
         metadata: &mut tonic::metadata::MetadataMap,
-    ) -> Result<(), IdentityError> {
+    ) -> Result<(), CertSourceError> {
         let header = |header: &'static str, value: String| {
             value
                 .parse::<tonic::metadata::AsciiMetadataValue>()
-                .map_err(|e| IdentityError::Header {
+                .map_err(|e| CertSourceError::Header {
                     header,
                     detail: e.to_string(),
                 })
@@ -147,13 +147,13 @@ impl CaClient {
             let token =
                 tokio::fs::read_to_string(path)
                     .await
-                    .map_err(|source| IdentityError::Io {
+                    .map_err(|source| CertSourceError::Io {
                         path: path.clone(),
                         source,
                     })?;
             let token = token.trim();
             if token.is_empty() {
-                return Err(IdentityError::EmptyToken(path.clone()));
+                return Err(CertSourceError::EmptyToken(path.clone()));
             }
             metadata.insert(
                 "authorization",
@@ -173,9 +173,9 @@ impl CaClient {
 fn from_response(
     chain: Vec<String>,
     key: PrivateKeyDer<'static>,
-) -> Result<WorkloadCertificate, IdentityError> {
+) -> Result<WorkloadCertificate, CertSourceError> {
     if chain.len() < 2 {
-        return Err(IdentityError::CaResponse(format!(
+        return Err(CertSourceError::CaResponse(format!(
             "cert_chain has {} entries; need at least the leaf and the root",
             chain.len()
         )));

@@ -7,7 +7,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::{CertificateManager, IdentityError, WorkloadCertificate};
+use super::CertSourceError;
+use crate::identity::{CertificateManager, WorkloadCertificate};
 
 /// Paths of the PEM files and how often to look at them.
 #[derive(Debug, Clone)]
@@ -34,10 +35,10 @@ impl FileSourceConfig {
     }
 }
 
-async fn read(path: &PathBuf) -> Result<Vec<u8>, IdentityError> {
+async fn read(path: &PathBuf) -> Result<Vec<u8>, CertSourceError> {
     tokio::fs::read(path)
         .await
-        .map_err(|source| IdentityError::Io {
+        .map_err(|source| CertSourceError::Io {
             path: path.clone(),
             source,
         })
@@ -46,7 +47,7 @@ async fn read(path: &PathBuf) -> Result<Vec<u8>, IdentityError> {
 /// Loads the three files once.
 pub(super) async fn load(
     cfg: &FileSourceConfig,
-) -> Result<(Vec<u8>, WorkloadCertificate), IdentityError> {
+) -> Result<(Vec<u8>, WorkloadCertificate), CertSourceError> {
     let chain = read(&cfg.cert_chain).await?;
     let key = read(&cfg.key).await?;
     let roots = read(&cfg.roots).await?;
@@ -117,8 +118,9 @@ mod tests {
         let ca = TestCa::new();
         let uri = "spiffe://td/ns/a/sa/b";
         let id: crate::identity::Identity = uri.parse().unwrap();
-        let (manager, task) =
-            CertificateManager::spawn(id, crate::identity::CertSource::Files(cfg.clone())).unwrap();
+        let (manager, task) = crate::cert_source::CertSource::Files(cfg.clone())
+            .spawn(id)
+            .unwrap();
         // Missing files: not ready, no crash.
         tokio::time::sleep(Duration::from_millis(150)).await;
         assert!(!manager.is_ready());
