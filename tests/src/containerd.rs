@@ -12,6 +12,7 @@
 
 mod cleanup;
 mod config;
+mod import;
 mod net;
 
 use std::fs::File;
@@ -22,6 +23,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 pub use config::POD_ANNOTATIONS;
+pub use import::{import, import_content};
 
 use crate::cri::Cri;
 
@@ -432,7 +434,7 @@ impl Containerd {
             std::fs::create_dir_all(&dir)?;
             let mut names = Vec::new();
             for (name, archive) in crate::image::build_all(&dir)? {
-                crate::image::import(&socket, K8S_NAMESPACE, &snapshotter, &archive)?;
+                import(&socket, K8S_NAMESPACE, &snapshotter, &archive)?;
                 names.push(name);
             }
             Ok(names)

@@ -1,12 +1,12 @@
 //! OCI images built locally, with no registry: a pause image and a
 //! busybox-static app image, written as OCI image-layout archives and
-//! imported into a containerd namespace with `ctr images import`.
+//! imported into a containerd namespace with `ctr images import`
+//! (`containerd::import`).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use serde_json::json;
 
 /// Sandbox image the harness containerd is configured with.
@@ -16,9 +16,6 @@ pub const BUSYBOX: &str = "localhost/sidetunnel/busybox:test";
 
 /// Where Debian's busybox-static installs its binary.
 pub const BUSYBOX_BIN: &str = "/bin/busybox";
-
-/// Bound for one `ctr images import`.
-const IMPORT_TIMEOUT: Duration = Duration::from_secs(90);
 
 const PATH_ENV: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
@@ -301,39 +298,6 @@ pub fn write_oci_archive(def: &ImageDef, out: &Path) -> Result<()> {
         add(format!("blobs/sha256/{hex}"), &blob.data)?;
     }
     b.into_inner()?.into_inner().map_err(|e| e.into_error())?;
-    Ok(())
-}
-
-/// Imports an OCI archive into containerd namespace `namespace` with `ctr`,
-/// unpacking it for `snapshotter`.
-pub fn import(address: &Path, namespace: &str, snapshotter: &str, archive: &Path) -> Result<()> {
-    ctr_import(address, namespace, &["--snapshotter", snapshotter], archive)
-}
-
-/// Imports an OCI archive's content without unpacking it (for pushing it
-/// elsewhere: no snapshotter or platform is involved).
-pub fn import_content(address: &Path, namespace: &str, archive: &Path) -> Result<()> {
-    ctr_import(address, namespace, &["--no-unpack"], archive)
-}
-
-fn ctr_import(address: &Path, namespace: &str, flags: &[&str], archive: &Path) -> Result<()> {
-    let mut cmd = Command::new(crate::containerd::ctr_bin());
-    cmd.arg("--address")
-        .arg(address)
-        .args(["--namespace", namespace])
-        .args(["images", "import"])
-        .args(flags)
-        .arg(archive);
-    let out = crate::cmd::output_within(&mut cmd, IMPORT_TIMEOUT)
-        .context("running ctr (containerd's CLI)")?;
-    if !out.status.success() {
-        bail!(
-            "ctr images import {} failed: {}{}",
-            archive.display(),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
     Ok(())
 }
 

@@ -106,7 +106,7 @@ impl Registry {
         for def in images {
             let file = work.join(format!("{}.oci.tar", def.name.replace(['/', ':'], "_")));
             crate::image::write_oci_archive(def, &file)?;
-            crate::image::import_content(address, STAGING_NS, &file)?;
+            crate::containerd::import_content(address, STAGING_NS, &file)?;
             let (_, path) = def
                 .name
                 .split_once('/')
