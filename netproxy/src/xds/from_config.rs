@@ -25,13 +25,24 @@ impl XdsConfig {
     ///   subscription degrades to "all policies" there.
     ///
     /// In wildcard mode both types are wildcard, as a node ztunnel subscribes.
+    ///
+    /// Node metadata: `NODE_NAME` only in wildcard mode, and only when the
+    /// node name is configured. istiod sends an on-demand client every
+    /// workload on the node its `NODE_NAME` names
+    /// (`AdditionalPodSubscriptions`, meant for node ztunnels); on a
+    /// virtual node that is every pod of the platform, so an on-demand
+    /// proxy never sends it (a wildcard proxy receives everything anyway).
     pub fn from_proxy_config(c: &Config, local_ips: &[IpAddr]) -> XdsConfig {
         let pod = &c.pod;
+        let node_name = match c.xds_mode {
+            XdsMode::Wildcard => pod.node_name.clone().unwrap_or_default(),
+            XdsMode::OnDemand => String::new(),
+        };
         let node = NodeInfo {
             pod_name: pod.name.clone(),
             namespace: pod.namespace.clone(),
             service_account: pod.service_account.clone(),
-            node_name: pod.node_name.clone().unwrap_or_default(),
+            node_name,
             cluster_id: pod.cluster_id.clone(),
             ips: local_ips.to_vec(),
             extra: Default::default(),
