@@ -17,12 +17,11 @@ impl XdsConfig {
     ///   from the start), plus the prefetch list; destinations are fetched
     ///   on first use and dropped after `c.xds_idle_timeout` unused;
     /// * Authorization: the own workload's uid as istiod names it
-    ///   (`<cluster>//Pod/<ns>/<name>`), which sidetunnel-meshd resolves to
-    ///   the policies that apply to the workload (mesh-wide, its
-    ///   namespace's and those selecting it). This extends istiod's
-    ///   semantics; istiod itself ignores Authorization names (it sends
-    ///   every policy and lists the uid as removed), so the same
-    ///   subscription degrades to "all policies" there.
+    ///   (`<cluster>//Pod/<ns>/<name>`). istiod (and sidetunnel-meshd by
+    ///   default) ignores Authorization names: it sends every policy and
+    ///   lists the uid as removed. `sidetunnel-meshd --mode extended`
+    ///   resolves it to the policies that apply to the workload (mesh-wide,
+    ///   its namespace's and those selecting it).
     ///
     /// In wildcard mode both types are wildcard, as a node ztunnel subscribes.
     ///
