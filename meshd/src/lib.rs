@@ -12,6 +12,7 @@ pub mod duration;
 pub mod generate;
 pub mod inventory;
 pub mod jwt;
+pub mod mode;
 pub mod pki;
 pub mod scale;
 pub mod server;

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use sidetunnel_meshd::{duration, generate, jwt, pki, server};
+use sidetunnel_meshd::{duration, generate, jwt, mode, pki, server};
 
 #[derive(Parser)]
 #[command(
@@ -61,6 +61,11 @@ enum Cmd {
         max_cert_ttl: Duration,
         #[arg(long, default_value = "200ms", value_parser = duration::parse)]
         poll_interval: Duration,
+        /// `istiod`: behave as istiod does (every policy to every client, …);
+        /// `extended`: with meshd's extensions (uid-scoped Authorization, …).
+        /// See docs/istiod-fidelity.md.
+        #[arg(long, default_value = "istiod", env = "SIDETUNNEL_MESHD_MODE")]
+        mode: mode::Mode,
     },
     /// Write a generated scale-scenario inventory to stdout.
     Generate {
@@ -119,6 +124,7 @@ fn main() -> anyhow::Result<()> {
             cluster_id,
             max_cert_ttl,
             poll_interval,
+            mode,
         } => {
             init_tracing();
             let cfg = server::ServeConfig {
@@ -128,6 +134,7 @@ fn main() -> anyhow::Result<()> {
                 cluster_id,
                 max_cert_ttl,
                 poll_interval,
+                mode,
             };
             let rt = tokio::runtime::Runtime::new().context("starting tokio")?;
             rt.block_on(server::serve(cfg, announce, shutdown_signal()))?;

@@ -15,6 +15,7 @@ use sidetunnel_proto::istio::workload::{Address, Workload, address};
 
 use crate::generate::{self, GenerateError, Params, Rng};
 use crate::inventory::{Context, ConvertError, Inventory, convert::convert};
+use crate::mode::Mode;
 use crate::snapshot::{Kind, Snapshot, SnapshotBuilder, TypeUrl};
 use crate::subscription::Outgoing;
 
@@ -233,6 +234,9 @@ impl Scoped {
 /// subscription graph: each pod talks to `k` services.
 pub struct CostModel<'a> {
     snap: &'a Snapshot,
+    /// istiod: every proxy receives every policy (and its uid name back as a
+    /// removal); extended: the policies that apply to its workload.
+    mode: Mode,
     /// Resource name → bytes inside a response, per type.
     sizes: [HashMap<String, usize>; 2],
     /// Workload uid → the services it backs.
@@ -249,11 +253,14 @@ fn ti(t: TypeUrl) -> usize {
 }
 
 impl<'a> CostModel<'a> {
-    pub fn new(snap: &'a Snapshot) -> CostModel<'a> {
+    pub fn new(snap: &'a Snapshot, mode: Mode) -> CostModel<'a> {
         let mut sizes = [HashMap::new(), HashMap::new()];
         for t in TypeUrl::ALL {
             for name in snap.table(t).keys() {
-                if let Some(r) = snap.resource(t, name) {
+                if let Some(mut r) = snap.resource(t, name) {
+                    if t == TypeUrl::Authorization && !mode.extensions().versioned_authorization {
+                        r.version.clear();
+                    }
                     sizes[ti(t)].insert(name.clone(), field_len(r.encoded_len()));
                 }
             }
@@ -275,6 +282,7 @@ impl<'a> CostModel<'a> {
             .map(|t| crate::xds::response(t, Outgoing::default(), "1-1-1".into(), 1).encoded_len());
         CostModel {
             snap,
+            mode,
             sizes,
             workload_services,
             envelope,
@@ -340,8 +348,14 @@ impl<'a> CostModel<'a> {
         for d in dests {
             self.snap.resolve(TypeUrl::Address, d, &mut s.addresses);
         }
-        self.snap
-            .resolve(TypeUrl::Authorization, uid, &mut s.policies);
+        let scoped_policies = self.mode.extensions().uid_scoped_authorization;
+        if scoped_policies {
+            self.snap
+                .resolve(TypeUrl::Authorization, uid, &mut s.policies);
+        } else {
+            s.policies
+                .extend(self.snap.table(TypeUrl::Authorization).keys().cloned());
+        }
         s.address_bytes = s
             .addresses
             .iter()
@@ -351,7 +365,9 @@ impl<'a> CostModel<'a> {
             .policies
             .iter()
             .map(|n| self.size(TypeUrl::Authorization, n))
-            .sum();
+            .sum::<usize>()
+            // istiod answers the uid subscription with its removal.
+            + if scoped_policies { 0 } else { self.removal_size(uid) };
         s.responses = 2 + dests.len();
         s.envelope_bytes = self.envelope(TypeUrl::Address) * (1 + dests.len())
             + self.envelope(TypeUrl::Authorization);
@@ -361,9 +377,22 @@ impl<'a> CostModel<'a> {
     /// Bytes of a full wildcard sync of one proxy (Address + Authorization).
     pub fn full_bytes(&self) -> usize {
         TypeUrl::ALL
-            .map(|t| full_response(self.snap, t).encoded_len())
+            .map(|t| {
+                let mut r = full_response(self.snap, t);
+                if t == TypeUrl::Authorization && !self.mode.extensions().versioned_authorization {
+                    for res in &mut r.resources {
+                        res.version.clear();
+                    }
+                }
+                r.encoded_len()
+            })
             .iter()
             .sum()
+    }
+
+    /// The serving mode this model prices.
+    pub fn mode(&self) -> Mode {
+        self.mode
     }
 }
 
@@ -509,7 +538,7 @@ mod tests {
     #[test]
     fn median_pod_of_scenario_a_is_typical() {
         let snap = snapshot(&SCENARIOS[0].inventory().unwrap()).unwrap();
-        let m = CostModel::new(&snap);
+        let m = CostModel::new(&snap, Mode::Extended);
         let per_pod = scoped_per_pod(&m, 10);
         assert_eq!(per_pod.len(), 1000);
         let s = Spread::of(10, &per_pod).unwrap();

@@ -32,6 +32,8 @@ pub struct ServeConfig {
     pub cluster_id: String,
     pub max_cert_ttl: Duration,
     pub poll_interval: Duration,
+    /// istiod's behaviour, or with meshd's extensions.
+    pub mode: crate::mode::Mode,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +82,7 @@ pub async fn serve(
         addresses = snapshot.table(TypeUrl::Address).len(),
         policies = snapshot.table(TypeUrl::Authorization).len(),
         full_address_sync_bytes = snapshot.full_sync_bytes(TypeUrl::Address),
+        mode = %cfg.mode,
         "inventory loaded"
     );
     let (tx, rx) = watch::channel(Arc::new(Published {
@@ -89,7 +92,7 @@ pub async fn serve(
     }));
 
     let auth = Arc::new(Authenticator::new(jwt, cfg.cluster_id.clone()));
-    let ads = AdsService::new(auth.clone(), rx);
+    let ads = AdsService::new(auth.clone(), rx, cfg.mode.extensions());
     let ca = CaService::new(auth, ca, trust_domain, cfg.max_cert_ttl);
 
     let listener = tokio::net::TcpListener::bind(cfg.listen)

@@ -69,6 +69,9 @@ pub struct Snapshot {
     /// Workload uid → names of the Authorization resources that apply to it
     /// (mesh-wide, its namespace's, and those selecting it).
     workload_policies: HashMap<String, BTreeSet<String>>,
+    /// Kubernetes node → uids of the workloads on it (istiod pushes these to
+    /// a client whose node metadata carries `NODE_NAME`).
+    node_workloads: HashMap<String, BTreeSet<String>>,
 }
 
 /// Names changed (added or new version) and removed between two snapshots.
@@ -200,6 +203,11 @@ impl Snapshot {
         true
     }
 
+    /// Uids of the workloads on Kubernetes node `node`.
+    pub fn workloads_on_node(&self, node: &str) -> impl Iterator<Item = &String> {
+        self.node_workloads.get(node).into_iter().flatten()
+    }
+
     /// Which names changed from `old` to `self`.
     pub fn diff_from(&self, old: &Snapshot) -> Diff {
         fn one(new: &BTreeMap<String, Entry>, old: &BTreeMap<String, Entry>) -> TypeDiff {
@@ -280,6 +288,13 @@ impl SnapshotBuilder {
             self.snap
                 .service_workloads
                 .entry(svc.clone())
+                .or_default()
+                .insert(w.uid.clone());
+        }
+        if !w.node.is_empty() {
+            self.snap
+                .node_workloads
+                .entry(w.node.clone())
                 .or_default()
                 .insert(w.uid.clone());
         }

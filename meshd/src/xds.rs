@@ -7,7 +7,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use sidetunnel_proto::envoy::config::core::v3::ControlPlane;
+use sidetunnel_proto::envoy::config::core::v3::{ControlPlane, Node};
 use sidetunnel_proto::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryService;
 use sidetunnel_proto::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse,
@@ -20,8 +20,9 @@ use tracing::{debug, info, warn};
 
 use crate::auth::{Authenticator, check_node};
 use crate::jwt::Identity;
+use crate::mode::Extensions;
 use crate::snapshot::{Diff, Snapshot, TypeUrl};
-use crate::subscription::{Outgoing, Reaction, Watch};
+use crate::subscription::{Options, Outgoing, Reaction, Watch};
 
 /// Identifies this server in `DeltaDiscoveryResponse.control_plane`.
 pub const CONTROL_PLANE_ID: &str = "sidetunnel-meshd";
@@ -38,14 +39,20 @@ pub struct AdsService {
     auth: Arc<Authenticator>,
     snapshots: watch::Receiver<Arc<Published>>,
     streams: AtomicU64,
+    extensions: Extensions,
 }
 
 impl AdsService {
-    pub fn new(auth: Arc<Authenticator>, snapshots: watch::Receiver<Arc<Published>>) -> Self {
+    pub fn new(
+        auth: Arc<Authenticator>,
+        snapshots: watch::Receiver<Arc<Published>>,
+        extensions: Extensions,
+    ) -> Self {
         AdsService {
             auth,
             snapshots,
             streams: AtomicU64::new(0),
+            extensions,
         }
     }
 }
@@ -81,6 +88,10 @@ impl AggregatedDiscoveryService for AdsService {
             watches: HashMap::new(),
             nonces: 0,
             node_checked: false,
+            opts: Options {
+                extensions: self.extensions,
+                node_name: None,
+            },
         };
         tokio::spawn(stream.run(request.into_inner()));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -96,6 +107,8 @@ struct StreamTask {
     watches: HashMap<TypeUrl, Watch>,
     nonces: u64,
     node_checked: bool,
+    /// Extensions, and the client's `NODE_NAME` from its first node.
+    opts: Options,
 }
 
 /// Why a stream ended early.
@@ -158,7 +171,8 @@ impl StreamTask {
             Some(node) => {
                 check_node(&self.identity, node).map_err(End::Error)?;
                 if !self.node_checked {
-                    info!(stream = self.id, node = %node.id, "xDS node");
+                    self.opts.node_name = node_name(node);
+                    info!(stream = self.id, node = %node.id, node_name = ?self.opts.node_name, "xDS node");
                 }
                 self.node_checked = true;
             }
@@ -182,7 +196,7 @@ impl StreamTask {
                     initial = req.initial_resource_versions.len(),
                     "first request"
                 );
-                let (w, out) = Watch::first(t, &req, snap);
+                let (w, out) = Watch::first(t, &req, snap, &self.opts);
                 self.watches.insert(t, w);
                 out
             }
@@ -235,6 +249,16 @@ impl StreamTask {
         }
         let resp = response(t, out, nonce, generation);
         self.tx.send(Ok(resp)).await.map_err(|_| End::Gone)
+    }
+}
+
+/// The `NODE_NAME` string metadata of a client's node, if set and not
+/// empty (istiod's `proxy.Metadata.NodeName`).
+pub fn node_name(node: &Node) -> Option<String> {
+    let v = node.metadata.as_ref()?.fields.get("NODE_NAME")?;
+    match &v.kind {
+        Some(prost_types::value::Kind::StringValue(s)) if !s.is_empty() => Some(s.clone()),
+        _ => None,
     }
 }
 

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use prost::Message;
 use sidetunnel_meshd::jwt::{AUDIENCE, JwtKey, TokenRequest};
+use sidetunnel_meshd::mode::Mode;
 use sidetunnel_meshd::pki;
 use sidetunnel_meshd::server::{ServeConfig, serve};
 use sidetunnel_proto::envoy::config::core::v3::Node;
@@ -47,7 +48,7 @@ struct Server {
 }
 
 impl Server {
-    async fn start(dir: tempfile::TempDir) -> Server {
+    async fn start(dir: tempfile::TempDir, mode: Mode) -> Server {
         let state = dir.path().join("state");
         pki::init(&state, "cluster.local").unwrap();
         let inventory = dir.path().join("inventory.yaml");
@@ -61,6 +62,7 @@ impl Server {
             cluster_id: "Kubernetes".into(),
             max_cert_ttl: Duration::from_secs(3600),
             poll_interval: Duration::from_millis(50),
+            mode,
         };
         let (stop, stopped) = oneshot::channel::<()>();
         let (addr_tx, addr_rx) = oneshot::channel();
@@ -370,8 +372,99 @@ async fn refused(srv: &Server) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn delta_ads_end_to_end() {
-    let srv = Server::start(tempfile::tempdir().unwrap()).await;
+async fn delta_ads_end_to_end_istiod() {
+    delta_ads_end_to_end(Mode::Istiod).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delta_ads_end_to_end_extended() {
+    delta_ads_end_to_end(Mode::Extended).await;
+}
+
+/// Authorization by workload uid: istiod sends every policy and the uid
+/// back as a removal; extended mode the policies that apply to it.
+async fn authorization_by_uid(srv: &Server, mode: Mode) {
+    let tok = srv.token("ns", "a");
+    let mut ads = connect(
+        srv,
+        Some(&tok),
+        request(AUTHORIZATION_TYPE_URL, &["*"], &["*"]),
+    )
+    .await
+    .unwrap();
+    let first = ads.recv().await;
+    let r = {
+        ads.send(request(
+            AUTHORIZATION_TYPE_URL,
+            &["Kubernetes//Pod/ns/b1"],
+            &[],
+        ))
+        .await;
+        ads.recv().await
+    };
+    match mode {
+        Mode::Istiod => {
+            assert_eq!(names(&first), ["ns/allow-a", "ns/other"]);
+            assert_eq!(names(&r), ["ns/allow-a", "ns/other"]);
+            assert_eq!(r.removed_resources, ["Kubernetes//Pod/ns/b1"]);
+            assert!(r.resources.iter().all(|x| x.version.is_empty()));
+        }
+        Mode::Extended => {
+            assert!(first.resources.is_empty());
+            // b1 is not selected by allow-a; ns/other is namespace-wide.
+            assert_eq!(names(&r), ["ns/other"]);
+            assert!(r.removed_resources.is_empty());
+        }
+    }
+    ads.quiet().await;
+}
+
+/// A client whose node metadata names a node gets that node's workloads
+/// (istiod's node-local optimisation), in both modes.
+async fn node_name_is_node_wide(srv: &Server) {
+    let tok = srv.token("ns", "a");
+    let mut r = request(ADDRESS_TYPE_URL, &["*"], &["*"]);
+    let mut node = node("ns", "a");
+    node.metadata.as_mut().unwrap().fields.insert(
+        "NODE_NAME".into(),
+        prost_types::Value {
+            kind: Some(prost_types::value::Kind::StringValue("node-v".into())),
+        },
+    );
+    r.node = Some(node);
+    let mut ads = connect(srv, Some(&tok), r).await.unwrap();
+    let first = ads.recv().await;
+    assert_eq!(
+        names(&first),
+        ["Kubernetes//Pod/ns/a1", "Kubernetes//Pod/ns/a2"]
+    );
+    ads.quiet().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authorization_and_node_name_per_mode() {
+    for mode in Mode::ALL {
+        let dir = tempfile::tempdir().unwrap();
+        let inv = INVENTORY
+            .replace(
+                "{name: a1, namespace: ns,",
+                "{name: a1, node: node-v, namespace: ns,",
+            )
+            .replace(
+                "{name: a2, namespace: ns,",
+                "{name: a2, node: node-v, namespace: ns,",
+            )
+            + "  - {name: other, namespace: ns}\n";
+        std::fs::write(dir.path().join("inventory.yaml"), inv).unwrap();
+        let srv = Server::start(dir, mode).await;
+        authorization_by_uid(&srv, mode).await;
+        node_name_is_node_wide(&srv).await;
+        srv.shutdown().await;
+    }
+}
+
+async fn delta_ads_end_to_end(mode: Mode) {
+    let srv = Server::start(tempfile::tempdir().unwrap(), mode).await;
     wildcard_sync_and_deltas(&srv).await;
     on_demand(&srv).await;
     refused(&srv).await;
@@ -394,7 +487,7 @@ async fn delta_ads_end_to_end() {
             "",
         );
     std::fs::write(&inv, text).unwrap();
-    let srv = Server::start(dir).await;
+    let srv = Server::start(dir, mode).await;
     let mut first = request(ADDRESS_TYPE_URL, &[], &[]);
     first.initial_resource_versions = versions.into_iter().collect();
     let tok = srv.token("ns", "a");

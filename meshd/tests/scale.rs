@@ -5,7 +5,8 @@
 
 use std::collections::BTreeSet;
 
-use sidetunnel_meshd::scale::{self, CostModel, SCENARIOS, Scenario};
+use sidetunnel_meshd::mode::Mode;
+use sidetunnel_meshd::scale::{self, CostModel, SCENARIOS, Scenario, Spread};
 use sidetunnel_meshd::snapshot::TypeUrl;
 
 #[test]
@@ -41,7 +42,13 @@ fn study_file_is_the_seed() {
 fn cost_model_of_scenario_a() {
     let sc = Scenario::by_name("a").expect("case-insensitive");
     let snap = scale::snapshot(&sc.inventory().unwrap()).unwrap();
-    let m = CostModel::new(&snap);
+    for mode in Mode::ALL {
+        cost_model_of_scenario_a_in(&snap, mode);
+    }
+}
+
+fn cost_model_of_scenario_a_in(snap: &sidetunnel_meshd::snapshot::Snapshot, mode: Mode) {
+    let m = CostModel::new(snap, mode);
     let uids: Vec<String> = m.workloads().cloned().collect();
     assert_eq!(uids.len(), 1000);
 
@@ -78,6 +85,20 @@ fn cost_model_of_scenario_a() {
         !s.policies.is_empty(),
         "the mesh-wide DENY applies to everyone"
     );
+    let all = snap.table(TypeUrl::Authorization).len();
+    match mode {
+        // istiod: every policy, and the uid name back as a removal.
+        Mode::Istiod => {
+            assert_eq!(s.policies.len(), all);
+            let sum: usize = s
+                .policies
+                .iter()
+                .map(|n| m.size(TypeUrl::Authorization, n))
+                .sum();
+            assert_eq!(s.authorization_bytes, sum + m.removal_size(uid));
+        }
+        Mode::Extended => assert!(s.policies.len() < all, "{} of {all}", s.policies.len()),
+    }
     let sum: usize = s
         .addresses
         .iter()
@@ -94,4 +115,44 @@ fn cost_model_of_scenario_a() {
     assert!(t.full_sync_scoped * 5 < t.full_sync_wildcard, "{t:?}");
     assert!(t.churn_push_scoped < t.churn_push_wildcard, "{t:?}");
     assert!(t.churn_receivers_scoped > 0 && t.churn_receivers_scoped < 1000);
+}
+
+/// The per-pod and cluster-wide figures of docs/scale.md for both modes,
+/// from the cost model (`cargo test -p sidetunnel-meshd --test scale
+/// -- --ignored --nocapture figures`; scenario C takes a while in debug).
+#[test]
+#[ignore]
+fn figures() {
+    for sc in SCENARIOS {
+        let snap = scale::snapshot(&sc.inventory().unwrap()).unwrap();
+        let policies = snap.table(TypeUrl::Authorization).len();
+        for mode in Mode::ALL {
+            let m = CostModel::new(&snap, mode);
+            let per_pod = scale::scoped_per_pod(&m, 10);
+            let spread = Spread::of(10, &per_pod).unwrap();
+            let uid = m.workloads().nth(spread.median_pod).unwrap().clone();
+            let dests = m.destinations(spread.median_pod, &uid, 10);
+            let one = m.scoped(&uid, &dests);
+            let t = scale::cluster_totals(&m, 10);
+            println!(
+                "{} {mode}: {} pods, {policies} policies; median pod (k=10) {} B \
+                 (address {} B, authorization {} B in {} policies, envelopes {} B); \
+                 per-pod min/mean/max {}/{:.0}/{}; wildcard per pod {} B; \
+                 cluster scoped sync {} B, wildcard sync {} B",
+                sc.name,
+                t.pods,
+                spread.median,
+                one.address_bytes,
+                one.authorization_bytes,
+                one.policies.len(),
+                one.envelope_bytes,
+                spread.min,
+                spread.mean,
+                spread.max,
+                m.full_bytes(),
+                t.full_sync_scoped,
+                t.full_sync_wildcard,
+            );
+        }
+    }
 }

@@ -101,6 +101,10 @@ enum Cmd {
         /// Destinations per pod for the cluster totals.
         #[arg(long, default_value_t = 10)]
         cluster_k: usize,
+        /// The meshd mode priced: `istiod` (every policy to every proxy)
+        /// or `extended` (uid-scoped Authorization).
+        #[arg(long, default_value = "istiod")]
+        meshd_mode: sidetunnel_meshd::mode::Mode,
     },
 }
 
@@ -124,7 +128,13 @@ fn main() -> Result<()> {
                 pod_name: name,
                 namespace,
                 service_account,
-                node_name: node,
+                // As the proxy: no NODE_NAME on demand (istiod would push
+                // every workload of the node).
+                node_name: if mode == Mode::Scoped {
+                    String::new()
+                } else {
+                    node
+                },
                 cluster_id: "Kubernetes".into(),
                 ips: ip,
                 extra: Default::default(),
@@ -158,9 +168,10 @@ fn main() -> Result<()> {
             pod,
             k,
             cluster_k,
+            meshd_mode,
         } => {
             let snap = load(&inventory)?;
-            println!("{}", model(&snap, pod, &k, cluster_k)?);
+            println!("{}", model(&snap, pod, &k, cluster_k, meshd_mode)?);
         }
     }
     Ok(())
@@ -330,7 +341,7 @@ fn apply(snap: &Snapshot, full_iterations: usize, update_iterations: usize) -> R
     let (full_median, full_min) = stats(samples);
 
     // One workload changes node back and forth: every apply is a change.
-    let uid = CostModel::new(snap)
+    let uid = CostModel::new(snap, sidetunnel_meshd::mode::Mode::Istiod)
         .workloads()
         .next()
         .cloned()
@@ -359,8 +370,14 @@ fn apply(snap: &Snapshot, full_iterations: usize, update_iterations: usize) -> R
     }))
 }
 
-fn model(snap: &Snapshot, pod: PodChoice, ks: &[usize], cluster_k: usize) -> Result<Value> {
-    let m = CostModel::new(snap);
+fn model(
+    snap: &Snapshot,
+    pod: PodChoice,
+    ks: &[usize],
+    cluster_k: usize,
+    mode: sidetunnel_meshd::mode::Mode,
+) -> Result<Value> {
+    let m = CostModel::new(snap, mode);
     // How scoped bytes spread over all pods, per destination count.
     let mut spreads = Vec::new();
     let mut per_pod = BTreeMap::new();

@@ -25,6 +25,8 @@ use sidetunnel_meshd::inventory::model::{Policy, Workload};
 use sidetunnel_meshd::inventory::{self, parse_model};
 use sidetunnel_meshd::scale::{self, CostModel, Spread};
 
+use sidetunnel_meshd::mode::Mode;
+
 use meshd_support::{Mesh, WAIT, ip, run_ok};
 
 /// After the subscribed client got a push, how long the other one must stay
@@ -51,7 +53,9 @@ fn scoped_client(
         pod_name: w.name.clone(),
         namespace: w.namespace.clone(),
         service_account: sa.clone(),
-        node_name: w.node.clone(),
+        // As the proxy on demand: no NODE_NAME (istiod would push every
+        // workload of the node).
+        node_name: String::new(),
         cluster_id: "Kubernetes".into(),
         ips: w.addresses.iter().map(|a| ip(a)).collect(),
         ..Default::default()
@@ -119,12 +123,11 @@ fn service_key(s: &sidetunnel_meshd::inventory::model::Service) -> String {
     format!("{}/{host}", s.namespace)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn scoped_proxy_holds_exactly_what_its_pod_needs() {
+async fn scoped_proxy_holds_exactly_what_its_pod_needs(mode: Mode) {
     let text = run_ok(&["generate", "--services", "100", "--pods", "1000"]);
     let inv = parse_model(&text).expect("generated inventory parses");
     let mesh = Mesh::new(&text);
-    let meshd = mesh.serve("127.0.0.1:0");
+    let meshd = mesh.serve_mode("127.0.0.1:0", mode);
 
     // A pod with a mesh-wide, a namespace and a selector policy, if any.
     let policies_of = |w: &Workload| -> BTreeSet<String> {
@@ -141,6 +144,15 @@ async fn scoped_proxy_holds_exactly_what_its_pod_needs() {
         .unwrap();
     let want_policies = policies_of(me);
     assert!(want_policies.len() >= 2, "{want_policies:?}");
+    // istiod sends every policy to every proxy.
+    let want_policies = match mode {
+        Mode::Istiod => inv
+            .policies
+            .iter()
+            .map(|p| format!("{}/{}", p.namespace, p.name))
+            .collect(),
+        Mode::Extended => want_policies,
+    };
     let own_services: Vec<&String> = me.services.keys().collect();
 
     // Destinations: three services by hostname, one by VIP, and one pod
@@ -242,24 +254,26 @@ fn two_teams() -> BTreeMap<String, Workload> {
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn destination_change_reaches_only_its_subscribers() {
+async fn destination_change_reaches_only_its_subscribers(mode: Mode) {
     let pods = two_teams();
     let mesh = Mesh::new(TWO_TEAMS);
-    let meshd = mesh.serve("127.0.0.1:0");
+    let meshd = mesh.serve_mode("127.0.0.1:0", mode);
     let (s1, h1, t1) = scoped_client(&mesh, &meshd.url(), &pods["c1"], |_| {});
     let (s2, h2, t2) = scoped_client(&mesh, &meshd.url(), &pods["c2"], |_| {});
     synced(&h1).await;
     synced(&h2).await;
-    // Policies are scoped too: mesh-wide + own namespace, or own selector.
-    assert_eq!(
-        held(&s1).2,
-        BTreeSet::from(["a/team-a".into(), "istio-system/mesh-deny".into()])
-    );
-    assert_eq!(
-        held(&s2).2,
-        BTreeSet::from(["b/only-c2".into(), "istio-system/mesh-deny".into()])
-    );
+    // Extended mode scopes policies too: mesh-wide + own namespace, or own
+    // selector. istiod sends every policy to both.
+    let all: BTreeSet<String> = ["a/team-a", "b/only-c2", "istio-system/mesh-deny", "s/for-x"]
+        .map(String::from)
+        .into();
+    let scoped = |a: &str| BTreeSet::from([a.to_string(), "istio-system/mesh-deny".into()]);
+    let (want1, want2) = match mode {
+        Mode::Istiod => (all.clone(), all),
+        Mode::Extended => (scoped("a/team-a"), scoped("b/only-c2")),
+    };
+    assert_eq!(held(&s1).2, want1);
+    assert_eq!(held(&s2).2, want2);
     assert!(
         s1.fetch_name("s/x.s.svc.cluster.local")
             .await
@@ -317,11 +331,10 @@ async fn destination_change_reaches_only_its_subscribers() {
     t2.abort();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn idle_destinations_are_dropped_but_pinned_names_stay() {
+async fn idle_destinations_are_dropped_but_pinned_names_stay(mode: Mode) {
     let pods = two_teams();
     let mesh = Mesh::new(TWO_TEAMS);
-    let meshd = mesh.serve("127.0.0.1:0");
+    let meshd = mesh.serve_mode("127.0.0.1:0", mode);
     let (store, handle, task) = scoped_client(&mesh, &meshd.url(), &pods["c1"], |cfg| {
         cfg.add_prefetch(&["y.s.svc".to_string()], "").unwrap();
         cfg.idle_timeout = Some(Duration::from_millis(600));
@@ -359,7 +372,12 @@ async fn idle_destinations_are_dropped_but_pinned_names_stay() {
         BTreeSet::from(["Kubernetes//Pod/a/c1".into(), "Kubernetes//Pod/s/y1".into()])
     );
     assert_eq!(s, BTreeSet::from(["s/y.s.svc.cluster.local".into()]));
-    assert_eq!(p.len(), 2);
+    // Scoped (extended) or every policy (istiod).
+    let policies = match mode {
+        Mode::Istiod => 4,
+        Mode::Extended => 2,
+    };
+    assert_eq!(p.len(), policies);
 
     // The server stopped pushing x; the pinned y still arrives.
     mesh.write_inventory(
@@ -389,12 +407,11 @@ async fn idle_destinations_are_dropped_but_pinned_names_stay() {
     task.abort();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cost_model_predicts_what_the_median_pod_receives() {
+async fn cost_model_predicts_what_the_median_pod_receives(mode: Mode) {
     let text = run_ok(&["generate", "--services", "100", "--pods", "1000"]);
     let inv = parse_model(&text).expect("generated inventory parses");
     let snap = inventory::parse(&scale::context(), &text).expect("inventory converts");
-    let model = CostModel::new(&snap);
+    let model = CostModel::new(&snap, mode);
     let spread = Spread::of(10, &scale::scoped_per_pod(&model, 10)).expect("pods");
     let pod = spread.median_pod;
     let want_uid = model.workloads().nth(pod).expect("median pod").clone();
@@ -408,7 +425,7 @@ async fn cost_model_predicts_what_the_median_pod_receives() {
         .expect("the model's pod is in the inventory");
 
     let mesh = Mesh::new(&text);
-    let meshd = mesh.serve("127.0.0.1:0");
+    let meshd = mesh.serve_mode("127.0.0.1:0", mode);
     let (store, handle, task) = scoped_client(&mesh, &meshd.url(), me, |_| {});
     synced(&handle).await;
     for d in &dests {
@@ -441,3 +458,33 @@ async fn cost_model_predicts_what_the_median_pod_receives() {
     );
     task.abort();
 }
+
+/// Every test runs against meshd in istiod mode (the default) and in
+/// extended mode.
+macro_rules! in_both_modes {
+    ($($name:ident),* $(,)?) => {
+        mod istiod {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Mode::Istiod).await;
+                }
+            )*
+        }
+        mod extended {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Mode::Extended).await;
+                }
+            )*
+        }
+    };
+}
+
+in_both_modes!(
+    scoped_proxy_holds_exactly_what_its_pod_needs,
+    destination_change_reaches_only_its_subscribers,
+    idle_destinations_are_dropped_but_pinned_names_stay,
+    cost_model_predicts_what_the_median_pod_receives,
+);

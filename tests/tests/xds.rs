@@ -17,6 +17,8 @@ use netproxy::xds::{Backoff, NodeInfo, Subscription, XdsClient, XdsConfig, XdsHa
 use prost::Message;
 use sidetunnel_proto::istio::workload as xwl;
 
+use sidetunnel_meshd::mode::Mode;
+
 use meshd_support::{Mesh, Meshd, WAIT, ip, run_ok};
 
 /// The client pod in every scenario.
@@ -107,10 +109,9 @@ async fn synced(handle: &XdsHandle) {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn wildcard_sync_fills_the_store() {
+async fn wildcard_sync_fills_the_store(mode: Mode) {
     let mesh = Mesh::new(INVENTORY);
-    let meshd = mesh.serve("127.0.0.1:0");
+    let meshd = mesh.serve_mode("127.0.0.1:0", mode);
     let token = mesh.token("default", "client");
     let (store, handle, task) = start_client(client_config(&mesh, &meshd.url(), Some(token)));
     synced(&handle).await;
@@ -154,10 +155,9 @@ async fn wildcard_sync_fills_the_store() {
     task.abort();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn on_demand_fetches_workload_ip_vip_and_hostname() {
+async fn on_demand_fetches_workload_ip_vip_and_hostname(mode: Mode) {
     let mesh = Mesh::new(INVENTORY);
-    let meshd = mesh.serve("127.0.0.1:0");
+    let meshd = mesh.serve_mode("127.0.0.1:0", mode);
     let token = mesh.token("default", "client");
     let mut cfg = client_config(&mesh, &meshd.url(), Some(token));
     cfg.addresses = Subscription::OnDemand {
@@ -202,10 +202,9 @@ async fn on_demand_fetches_workload_ip_vip_and_hostname() {
     task.abort();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn inventory_edits_arrive_as_deltas() {
+async fn inventory_edits_arrive_as_deltas(mode: Mode) {
     let mesh = Mesh::new(INVENTORY);
-    let meshd = mesh.serve("127.0.0.1:0");
+    let meshd = mesh.serve_mode("127.0.0.1:0", mode);
     let token = mesh.token("default", "client");
     let (store, handle, task) = start_client(client_config(&mesh, &meshd.url(), Some(token)));
     synced(&handle).await;
@@ -273,11 +272,10 @@ fn broken_workload_yaml(uid: &str) -> String {
     format!("raw:\n  - name: {uid}\n    type: Address\n    base64: \"{b64}\"\n")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn malformed_resource_is_nacked_while_the_rest_applies() {
+async fn malformed_resource_is_nacked_while_the_rest_applies(mode: Mode) {
     let broken = "Kubernetes//Pod/default/broken";
     let mesh = Mesh::new(&format!("{INVENTORY}{}", broken_workload_yaml(broken)));
-    let meshd = mesh.serve("127.0.0.1:0");
+    let meshd = mesh.serve_mode("127.0.0.1:0", mode);
     let token = mesh.token("default", "client");
     let (store, handle, task) = start_client(client_config(&mesh, &meshd.url(), Some(token)));
     synced(&handle).await;
@@ -300,10 +298,9 @@ async fn malformed_resource_is_nacked_while_the_rest_applies() {
     task.abort();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn meshd_restart_keeps_config_and_resyncs_with_versions() {
+async fn meshd_restart_keeps_config_and_resyncs_with_versions(mode: Mode) {
     let mesh = Mesh::new(INVENTORY);
-    let meshd = mesh.serve("127.0.0.1:0");
+    let meshd = mesh.serve_mode("127.0.0.1:0", mode);
     let token = mesh.token("default", "client");
     let (store, handle, task) = start_client(client_config(&mesh, &meshd.url(), Some(token)));
     synced(&handle).await;
@@ -322,7 +319,7 @@ async fn meshd_restart_keeps_config_and_resyncs_with_versions() {
     // While down, db-1 changes; after the restart only it must be resent.
     mesh.write_inventory(&INVENTORY.replace("addresses: [10.0.2.1]", "addresses: [10.0.2.7]"));
     let before = handle.stats().snapshot();
-    let _meshd = restart(&mesh, addr);
+    let _meshd = restart(&mesh, addr, mode);
     assert!(
         handle
             .wait_status(WAIT, |s| s.connected && s.attempt > 1)
@@ -339,9 +336,15 @@ async fn meshd_restart_keeps_config_and_resyncs_with_versions() {
     // Give any (unexpected) full resend time to arrive before counting.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let after = handle.stats().snapshot();
+    // Addresses: only the changed workload. Policies: istiod sets no
+    // versions on them and resends all (2) on every subscription request.
+    let policies = match mode {
+        Mode::Istiod => 2,
+        Mode::Extended => 0,
+    };
     assert_eq!(
         after.resources - before.resources,
-        1,
+        1 + policies,
         "initial_resource_versions should limit the resync to the changed workload"
     );
     assert_eq!(store.stats().workloads, 4);
@@ -351,20 +354,19 @@ async fn meshd_restart_keeps_config_and_resyncs_with_versions() {
 
 /// Restarts meshd on the same port (the client's configured address). The
 /// port was just freed; retry briefly in case it lingers.
-fn restart(mesh: &Mesh, addr: SocketAddr) -> Meshd {
+fn restart(mesh: &Mesh, addr: SocketAddr, mode: Mode) -> Meshd {
     for _ in 0..50 {
         if std::net::TcpListener::bind(addr).is_ok() {
             break;
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    mesh.serve(&addr.to_string())
+    mesh.serve_mode(&addr.to_string(), mode)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn wrong_token_is_refused_with_a_clear_error() {
+async fn wrong_token_is_refused_with_a_clear_error(mode: Mode) {
     let mesh = Mesh::new(INVENTORY);
-    let meshd = mesh.serve("127.0.0.1:0");
+    let meshd = mesh.serve_mode("127.0.0.1:0", mode);
     // Signed by another control plane's key.
     let other = Mesh::new("{}\n");
     let forged = other.token("default", "client");
@@ -423,11 +425,10 @@ async fn wrong_token_is_refused_with_a_clear_error() {
 /// Issue 2's measurement: bytes of a full wildcard sync (Address +
 /// Authorization, protobuf-encoded responses) for `generate --services 100
 /// --pods 1000`. Printed; asserts only that everything arrived.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn full_sync_size_for_1000_pods() {
+async fn full_sync_size_for_1000_pods(mode: Mode) {
     let inventory = run_ok(&["generate", "--services", "100", "--pods", "1000"]);
     let mesh = Mesh::new(&inventory);
-    let meshd = mesh.serve("127.0.0.1:0");
+    let meshd = mesh.serve_mode("127.0.0.1:0", mode);
     let token = mesh.token("default", "client");
     let (store, handle, task) = start_client(client_config(&mesh, &meshd.url(), Some(token)));
     synced(&handle).await;
@@ -458,10 +459,9 @@ fn on_demand_client(
 /// The shim_mesh bug: an on-demand lookup of an IP nobody holds must get
 /// meshd's negative answer, also right after (and while) an inventory
 /// change is pushed on the stream, and again when asked a second time.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn unknown_ip_is_answered_around_inventory_pushes() {
+async fn unknown_ip_is_answered_around_inventory_pushes(mode: Mode) {
     let mesh = Mesh::new(INVENTORY);
-    let meshd = mesh.serve("127.0.0.1:0");
+    let meshd = mesh.serve_mode("127.0.0.1:0", mode);
     let (store, handle, task) = on_demand_client(&mesh, &meshd);
     synced(&handle).await;
     // Something on demand that the edits below change, so pushes happen.
@@ -511,10 +511,9 @@ async fn unknown_ip_is_answered_around_inventory_pushes() {
 /// (its pod deleted; a non-mesh pod may reuse the IP): asking for it again
 /// must reach the control plane and get a negative answer, not wait for
 /// an answer to a subscription the server already considers answered.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn removed_destination_is_answered_when_asked_again() {
+async fn removed_destination_is_answered_when_asked_again(mode: Mode) {
     let mesh = Mesh::new(INVENTORY);
-    let meshd = mesh.serve("127.0.0.1:0");
+    let meshd = mesh.serve_mode("127.0.0.1:0", mode);
     let (store, handle, task) = on_demand_client(&mesh, &meshd);
     synced(&handle).await;
     match store.fetch_on_demand("", ip("10.0.2.1")).await {
@@ -550,3 +549,38 @@ async fn removed_destination_is_answered_when_asked_again() {
     assert_eq!(handle.stats().snapshot().nacks, 0);
     task.abort();
 }
+
+/// Every test runs against meshd in istiod mode (the default) and in
+/// extended mode.
+macro_rules! in_both_modes {
+    ($($name:ident),* $(,)?) => {
+        mod istiod {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Mode::Istiod).await;
+                }
+            )*
+        }
+        mod extended {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Mode::Extended).await;
+                }
+            )*
+        }
+    };
+}
+
+in_both_modes!(
+    wildcard_sync_fills_the_store,
+    on_demand_fetches_workload_ip_vip_and_hostname,
+    inventory_edits_arrive_as_deltas,
+    malformed_resource_is_nacked_while_the_rest_applies,
+    meshd_restart_keeps_config_and_resyncs_with_versions,
+    wrong_token_is_refused_with_a_clear_error,
+    full_sync_size_for_1000_pods,
+    unknown_ip_is_answered_around_inventory_pushes,
+    removed_destination_is_answered_when_asked_again,
+);

@@ -394,3 +394,37 @@ fn size_parser() {
     assert!(parse_size("-1").is_err());
     assert!(parse_size("99999999999999999999GiB").is_err());
 }
+
+/// The xDS node metadata the proxy sends: exactly these keys, and no
+/// `NODE_NAME` in on-demand mode even when the node name is configured
+/// (istiod would push every workload of the node: on a virtual node, every
+/// pod of the platform). In wildcard mode it is sent when configured.
+#[test]
+fn xds_node_metadata_never_asks_istiod_for_node_wide_pushes() {
+    let ips = ["10.0.0.7".parse().unwrap()];
+    let node_md = |c: &Config| {
+        crate::xds::XdsConfig::from_proxy_config(c, &ips)
+            .node
+            .metadata()
+    };
+    let keys = |m: &std::collections::BTreeMap<String, String>| {
+        m.keys().map(String::as_str).collect::<Vec<_>>().join(",")
+    };
+    let on_demand = parse(&["--node-name", "virtual-node-1"]).unwrap();
+    assert_eq!(on_demand.xds_mode, XdsMode::OnDemand);
+    let m = node_md(&on_demand);
+    assert_eq!(
+        keys(&m),
+        "CLUSTER_ID,INSTANCE_IPS,ISTIO_VERSION,NAME,NAMESPACE,SERVICE_ACCOUNT"
+    );
+    assert_eq!(m["NAME"], "pod-a");
+    assert_eq!(m["NAMESPACE"], "ns1");
+    assert_eq!(m["INSTANCE_IPS"], "10.0.0.7");
+    let m = node_md(&parse(&[]).unwrap());
+    assert!(!m.contains_key("NODE_NAME"));
+
+    let wildcard = parse(&["--node-name", "node-1", "--xds-mode", "wildcard"]).unwrap();
+    assert_eq!(node_md(&wildcard)["NODE_NAME"], "node-1");
+    let wildcard = parse(&["--xds-mode", "wildcard"]).unwrap();
+    assert!(!node_md(&wildcard).contains_key("NODE_NAME"));
+}

@@ -181,9 +181,10 @@ impl XdsClient {
                     },
                 },
                 Some(cmd) = self.commands.recv() => {
-                    if let Some(req) = self.apply_command(cmd)
-                        && let Err(e) = self.send(&tx, req).await {
-                        return e;
+                    for req in self.apply_command(cmd) {
+                        if let Err(e) = self.send(&tx, req).await {
+                            return e;
+                        }
                     }
                 }
                 _ = sweep.tick(), if self.cfg.idle_timeout.is_some() => {
@@ -247,27 +248,38 @@ impl XdsClient {
     /// requests of the next stream carry them.
     fn drain_commands(&mut self) {
         while let Ok(cmd) = self.commands.try_recv() {
-            self.apply_command(cmd);
+            let _ = self.apply_command(cmd);
         }
     }
 
-    /// Records a subscription change; returns the request announcing it, if
-    /// anything changed.
-    fn apply_command(&mut self, cmd: Command) -> Option<DeltaDiscoveryRequest> {
+    /// Records a subscription change; returns the requests announcing it
+    /// (none if nothing changed). A name asked for again while subscribed
+    /// (its answer is gone from the store: removed, or dropped) is first
+    /// unsubscribed, then subscribed: istiod answers a subscription request
+    /// only when it changes the subscribed set (`shouldRespondDelta`), so a
+    /// repeated subscribe alone would never be answered.
+    fn apply_command(&mut self, cmd: Command) -> Vec<DeltaDiscoveryRequest> {
         let (type_url, names, subscribe) = match cmd {
             Command::Subscribe(t, n) => (t, n, true),
             Command::Unsubscribe(t, n) => (t, n, false),
         };
-        let t = self.types.iter_mut().find(|t| t.type_url == type_url)?;
+        let Some(t) = self.types.iter_mut().find(|t| t.type_url == type_url) else {
+            return Vec::new();
+        };
         if t.wildcard {
-            return None;
+            return Vec::new();
         }
+        let mut again = Vec::new();
         let changed: Vec<String> = names
             .into_iter()
             .filter(|n| {
                 if subscribe {
                     let new = t.subscribed.insert(n.clone());
-                    t.awaiting.insert(n.clone()) || new
+                    let ask = t.awaiting.insert(n.clone()) || new;
+                    if ask && !new {
+                        again.push(n.clone());
+                    }
+                    ask
                 } else {
                     t.awaiting.remove(n);
                     t.subscribed.remove(n)
@@ -275,7 +287,7 @@ impl XdsClient {
             })
             .collect();
         if changed.is_empty() {
-            return None;
+            return Vec::new();
         }
         debug!(
             type_url,
@@ -287,12 +299,21 @@ impl XdsClient {
             type_url: type_url.to_string(),
             ..Default::default()
         };
+        let mut out = Vec::with_capacity(2);
+        if !again.is_empty() {
+            out.push(DeltaDiscoveryRequest {
+                type_url: type_url.to_string(),
+                resource_names_unsubscribe: again,
+                ..Default::default()
+            });
+        }
         if subscribe {
             req.resource_names_subscribe = changed;
         } else {
             req.resource_names_unsubscribe = changed;
         }
-        Some(req)
+        out.push(req);
+        out
     }
 
     async fn channel(&self) -> Result<Channel, XdsError> {
@@ -555,9 +576,23 @@ mod tests {
         XdsClient::new(cfg, Arc::new(Store::new()))
     }
 
+    /// The names a demand subscribes, checking that a name subscribed
+    /// already is unsubscribed just before (so istiod answers).
     fn demand(c: &mut XdsClient, name: &str) -> Option<Vec<String>> {
+        let was_subscribed = c.types[0].subscribed.contains(name);
         let cmd = Command::Subscribe(super::super::ADDRESS_TYPE_URL, vec![name.to_string()]);
-        c.apply_command(cmd).map(|r| r.resource_names_subscribe)
+        let mut reqs = c.apply_command(cmd);
+        let sub = reqs.pop()?;
+        match reqs.pop() {
+            Some(unsub) => {
+                assert!(was_subscribed, "{name}");
+                assert_eq!(unsub.resource_names_unsubscribe, [name]);
+                assert!(unsub.resource_names_subscribe.is_empty());
+            }
+            None => assert!(!was_subscribed, "{name} resubscribed without unsubscribe"),
+        }
+        assert!(reqs.is_empty());
+        Some(sub.resource_names_subscribe)
     }
 
     /// A demand is sent unless the same name is already awaiting an answer
@@ -592,7 +627,7 @@ mod tests {
         assert_eq!(demand(&mut c, "/10.0.0.1"), Some(vec!["/10.0.0.1".into()]));
         // Unsubscribing forgets it; a new demand subscribes it again.
         let unsub = Command::Unsubscribe(super::super::ADDRESS_TYPE_URL, vec!["/10.0.0.2".into()]);
-        assert!(c.apply_command(unsub).is_some());
+        assert_eq!(c.apply_command(unsub).len(), 1);
         assert_eq!(demand(&mut c, "/10.0.0.2"), Some(vec!["/10.0.0.2".into()]));
         // A reconnect asks for everything: nothing is awaited twice.
         let initial = c.initial_requests();

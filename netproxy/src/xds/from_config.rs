@@ -17,21 +17,31 @@ impl XdsConfig {
     ///   from the start), plus the prefetch list; destinations are fetched
     ///   on first use and dropped after `c.xds_idle_timeout` unused;
     /// * Authorization: the own workload's uid as istiod names it
-    ///   (`<cluster>//Pod/<ns>/<name>`), which sidetunnel-meshd resolves to
-    ///   the policies that apply to the workload (mesh-wide, its
-    ///   namespace's and those selecting it). This extends istiod's
-    ///   semantics; istiod itself ignores Authorization names (it sends
-    ///   every policy and lists the uid as removed), so the same
-    ///   subscription degrades to "all policies" there.
+    ///   (`<cluster>//Pod/<ns>/<name>`). istiod (and sidetunnel-meshd by
+    ///   default) ignores Authorization names: it sends every policy and
+    ///   lists the uid as removed. `sidetunnel-meshd --mode extended`
+    ///   resolves it to the policies that apply to the workload (mesh-wide,
+    ///   its namespace's and those selecting it).
     ///
     /// In wildcard mode both types are wildcard, as a node ztunnel subscribes.
+    ///
+    /// Node metadata: `NODE_NAME` only in wildcard mode, and only when the
+    /// node name is configured. istiod sends an on-demand client every
+    /// workload on the node its `NODE_NAME` names
+    /// (`AdditionalPodSubscriptions`, meant for node ztunnels); on a
+    /// virtual node that is every pod of the platform, so an on-demand
+    /// proxy never sends it (a wildcard proxy receives everything anyway).
     pub fn from_proxy_config(c: &Config, local_ips: &[IpAddr]) -> XdsConfig {
         let pod = &c.pod;
+        let node_name = match c.xds_mode {
+            XdsMode::Wildcard => pod.node_name.clone().unwrap_or_default(),
+            XdsMode::OnDemand => String::new(),
+        };
         let node = NodeInfo {
             pod_name: pod.name.clone(),
             namespace: pod.namespace.clone(),
             service_account: pod.service_account.clone(),
-            node_name: pod.node_name.clone().unwrap_or_default(),
+            node_name,
             cluster_id: pod.cluster_id.clone(),
             ips: local_ips.to_vec(),
             extra: Default::default(),

@@ -1,9 +1,11 @@
 //! The Envoy `Node` this proxy presents, in ztunnel's format so istiod
 //! treats it as a ztunnel (a WDS consumer): id
 //! `ztunnel~<ip>~<pod>.<ns>~<ns>.svc.cluster.local` and string metadata
-//! `NAME`, `NAMESPACE`, `SERVICE_ACCOUNT`, `NODE_NAME`, `INSTANCE_IPS`,
-//! `CLUSTER_ID`, `ISTIO_VERSION` plus any extra keys. istiod checks
-//! `NAMESPACE`/`SERVICE_ACCOUNT` against the bearer token's identity.
+//! `NAME`, `NAMESPACE`, `SERVICE_ACCOUNT`, `INSTANCE_IPS`, `CLUSTER_ID`,
+//! `ISTIO_VERSION`, `NODE_NAME` only when set, plus any extra keys. istiod
+//! checks `NAMESPACE`/`SERVICE_ACCOUNT` against the bearer token's
+//! identity; a non-empty `NODE_NAME` makes it push every workload of that
+//! node to an on-demand client (see `XdsConfig::from_proxy_config`).
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -20,7 +22,8 @@ pub struct NodeInfo {
     pub pod_name: String,
     pub namespace: String,
     pub service_account: String,
-    /// Kubernetes node the pod runs on (may be empty).
+    /// `NODE_NAME` metadata: sent only when not empty (istiod then pushes
+    /// every workload on that node).
     pub node_name: String,
     pub cluster_id: String,
     /// The pod's IPs; the first one goes into the node id.
@@ -54,7 +57,6 @@ impl NodeInfo {
             ("NAME", self.pod_name.clone()),
             ("NAMESPACE", self.namespace.clone()),
             ("SERVICE_ACCOUNT", self.service_account.clone()),
-            ("NODE_NAME", self.node_name.clone()),
             ("INSTANCE_IPS", ips),
             ("CLUSTER_ID", self.cluster_id.clone()),
             ("ISTIO_VERSION", ISTIO_VERSION.to_string()),
@@ -62,6 +64,9 @@ impl NodeInfo {
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
         .collect();
+        if !self.node_name.is_empty() {
+            m.insert("NODE_NAME".into(), self.node_name.clone());
+        }
         m.extend(self.extra.clone());
         m
     }
@@ -120,7 +125,9 @@ mod tests {
         assert_eq!(s("INSTANCE_IPS"), "10.0.0.7,fd00::7");
         assert_eq!(s("CLUSTER_ID"), "Kubernetes");
         assert_eq!(s("LABELS"), "x");
+        assert_eq!(s("NODE_NAME"), "node-a");
         let none = NodeInfo::default();
         assert!(none.id().starts_with("ztunnel~1.1.1.1~"));
+        assert!(!none.metadata().contains_key("NODE_NAME"));
     }
 }

@@ -71,8 +71,14 @@ impl Mesh {
         path
     }
 
+    /// meshd in its default mode (istiod's behaviour).
+    #[allow(dead_code)]
     pub fn serve(&self, listen: &str) -> Meshd {
-        Meshd::start(self.dir.path(), &self.path("inventory.yaml"), listen)
+        self.serve_mode(listen, sidetunnel_meshd::mode::Mode::default())
+    }
+
+    pub fn serve_mode(&self, listen: &str, mode: sidetunnel_meshd::mode::Mode) -> Meshd {
+        Meshd::start(self.dir.path(), &self.path("inventory.yaml"), listen, mode)
     }
 }
 
@@ -83,7 +89,12 @@ pub struct Meshd {
 }
 
 impl Meshd {
-    pub fn start(dir: &Path, inventory: &Path, listen: &str) -> Meshd {
+    pub fn start(
+        dir: &Path,
+        inventory: &Path,
+        listen: &str,
+        mode: sidetunnel_meshd::mode::Mode,
+    ) -> Meshd {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -93,6 +104,7 @@ impl Meshd {
             .args(["serve", "--dir", dir.to_str().unwrap()])
             .args(["--inventory", inventory.to_str().unwrap()])
             .args(["--listen", listen, "--poll-interval", "100ms"])
+            .args(["--mode", mode.as_str()])
             .stdout(Stdio::piped())
             .stderr(log)
             .spawn()

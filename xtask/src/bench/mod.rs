@@ -40,6 +40,10 @@ pub enum BenchTask {
         /// Destination counts of the scoped rows.
         #[arg(long, value_delimiter = ',', default_value = "1,10,50")]
         k: Vec<usize>,
+        /// meshd's serving mode: `istiod` (every policy to every proxy, as
+        /// istiod does) or `extended` (uid-scoped Authorization).
+        #[arg(long, default_value = "istiod")]
+        meshd_mode: sidetunnel_meshd::mode::Mode,
     },
     /// Data path through two proxies vs direct (issue 7): throughput,
     /// latency, CPU, memory, start → ready.
@@ -54,7 +58,11 @@ const CLUSTER_K: usize = 10;
 
 pub fn run(task: BenchTask) -> Result<()> {
     match task {
-        BenchTask::Xds { scenarios, k } => xds(&scenarios, &k),
+        BenchTask::Xds {
+            scenarios,
+            k,
+            meshd_mode,
+        } => xds(&scenarios, &k, meshd_mode),
         BenchTask::Dataplane(args) => crate::bench_dataplane::run(&args),
         BenchTask::Podstart(args) => podstart::run(&args),
     }
@@ -73,13 +81,15 @@ pub fn run_podstart_smoke() -> Result<()> {
 
 struct Paths {
     meshd: PathBuf,
+    /// `sidetunnel-meshd serve --mode`.
+    mode: sidetunnel_meshd::mode::Mode,
     probe: PathBuf,
     /// `None` when the proxy cannot run here (the reason is printed).
     proxy: Option<PathBuf>,
     work: PathBuf,
 }
 
-fn xds(names: &[String], ks: &[usize]) -> Result<()> {
+fn xds(names: &[String], ks: &[usize], mode: sidetunnel_meshd::mode::Mode) -> Result<()> {
     let scenarios = names
         .iter()
         .map(|n| Scenario::by_name(n).with_context(|| format!("unknown scenario {n:?} (A, B, C)")))
@@ -93,6 +103,7 @@ fn xds(names: &[String], ks: &[usize]) -> Result<()> {
     let target = target_dir();
     let paths = Paths {
         meshd: bins.join("sidetunnel-meshd"),
+        mode,
         probe: bins.join("examples/xds_probe"),
         proxy: proxy_missing
             .is_none()
@@ -169,6 +180,8 @@ fn scenario(p: &Paths, sc: &Scenario, ks: &[usize]) -> Result<Value> {
         &ks_arg,
         "--cluster-k",
         &CLUSTER_K.to_string(),
+        "--meshd-mode",
+        p.mode.as_str(),
     ]))?;
     let who = model["pod"].clone();
     let field = |k: &str| -> Result<String> {
@@ -209,7 +222,7 @@ fn scenario(p: &Paths, sc: &Scenario, ks: &[usize]) -> Result<Value> {
         .arg(&state)
         .arg("--inventory")
         .arg(&inventory)
-        .args(["--listen", "127.0.0.1:0"])
+        .args(["--listen", "127.0.0.1:0", "--mode", p.mode.as_str()])
         .env("RUST_LOG", "warn");
     let meshd = Meshd::start(serve, &dir.join("meshd.log"))?;
     let url = format!("https://{}", meshd.addr);
@@ -265,6 +278,7 @@ fn scenario(p: &Paths, sc: &Scenario, ks: &[usize]) -> Result<Value> {
         let setup = proxy::Setup {
             proxy: bin,
             meshd: &p.meshd,
+            mode: p.mode,
             state: &state,
             inventory: &inventory,
             token: &token_file,

@@ -32,6 +32,8 @@ const SERVER_NAME: &str = "istiod.istio-system.svc";
 pub struct Setup<'a> {
     pub proxy: &'a Path,
     pub meshd: &'a Path,
+    /// `sidetunnel-meshd serve --mode`.
+    pub mode: sidetunnel_meshd::mode::Mode,
     /// meshd's state directory (`init`), holding `root-cert.pem`.
     pub state: &'a Path,
     pub inventory: &'a Path,
@@ -91,7 +93,7 @@ pub fn measure(s: &Setup<'_>, pod: &Pod, want: &Want, label: &str) -> Result<Val
         .arg(s.state)
         .arg("--inventory")
         .arg(s.inventory)
-        .args(["--listen", "127.0.0.1:0"])
+        .args(["--listen", "127.0.0.1:0", "--mode", s.mode.as_str()])
         .env("RUST_LOG", "warn");
     let meshd = Meshd::start(serve, &s.dir.join(format!("meshd-{label}.log")))?;
 
