@@ -4,7 +4,9 @@
 
 use sidetunnel_proto::istio::workload::{self as wl, LoadBalancing, NetworkAddress, PortList};
 
-use super::fields::{enum_value, gateway, ip_bytes, network_ip, parse_ip, ports, required};
+use super::fields::{
+    enum_value, gateway, ip_bytes, network, network_ip, parse_ip, ports, required,
+};
 use super::{Context, Result};
 use crate::inventory::model;
 
@@ -135,7 +137,7 @@ pub(super) fn convert_workload(ctx: &Context, w: &model::Workload) -> Result<wl:
         namespace: w.namespace.clone(),
         addresses,
         hostname: w.hostname.clone(),
-        network: w.network.clone(),
+        network: network("network", &w.network)?,
         tunnel_protocol: match &w.protocol {
             Some(p) => enum_value(
                 "protocol",

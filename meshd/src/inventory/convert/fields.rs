@@ -51,9 +51,18 @@ pub(super) fn ip_bytes(ip: IpAddr) -> Bytes {
 /// `ip` or `network/ip`.
 pub(super) fn network_ip(field: &str, s: &str) -> Result<(String, IpAddr)> {
     match s.rsplit_once('/') {
-        Some((net, ip)) => Ok((net.to_owned(), parse_ip(field, ip)?)),
+        Some((net, ip)) => Ok((network(field, net)?, parse_ip(field, ip)?)),
         None => Ok((String::new(), parse_ip(field, s)?)),
     }
+}
+
+/// A network name: no '/', since `network/IP` resource names split on it
+/// (the proxy rejects such a workload, so serving it would be a NACK).
+pub(super) fn network(field: &str, name: &str) -> Result<String> {
+    if name.contains('/') {
+        return Err(format!("{field}: network name {name:?} contains '/'"));
+    }
+    Ok(name.to_owned())
 }
 
 pub(super) fn port(field: &str, p: u32) -> Result<u32> {

@@ -192,6 +192,14 @@ fn errors_name_the_item() {
             "workloads[0] n/p: a workload needs addresses or a hostname",
         ),
         (
+            "workloads:\n  - {name: p, namespace: n, addresses: [10.0.0.1], network: net/}\n",
+            "workloads[0] n/p: network: network name \"net/\" contains '/'",
+        ),
+        (
+            "services:\n  - {name: s, namespace: n, vips: [a/b/10.0.0.9]}\n",
+            "network name \"a/b\" contains '/'",
+        ),
+        (
             &format!("{w}  - {{name: q, namespace: n, addresses: [10.0.0.1]}}\n"),
             "workloads[1] n/q: address /10.0.0.1 already used by Kubernetes//Pod/n/p",
         ),
