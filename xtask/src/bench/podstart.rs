@@ -79,7 +79,10 @@ pub fn run(args: &Args) -> Result<()> {
         (args.n, args.burst)
     };
     let bins = match (&args.bin_dir, args.quick) {
-        (Some(d), _) => d.clone(),
+        // The node config needs absolute paths.
+        (Some(d), _) => {
+            std::fs::canonicalize(d).with_context(|| format!("--bin-dir {}", d.display()))?
+        }
         (None, true) => {
             crate::cargo(&["build", "--workspace", "--bins"])?;
             sidetunnel_tests::bins::dir()
