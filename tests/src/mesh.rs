@@ -459,3 +459,28 @@ pub async fn wait_workload_known(
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// Declares each named `async fn(Mode)` test of the calling file twice, as
+/// `istiod::<name>` and `extended::<name>`: against meshd in istiod mode
+/// (the default) and in extended mode. The caller imports meshd's `Mode`.
+#[macro_export]
+macro_rules! in_both_meshd_modes {
+    ($($name:ident),* $(,)?) => {
+        mod istiod {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Mode::Istiod).await;
+                }
+            )*
+        }
+        mod extended {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Mode::Extended).await;
+                }
+            )*
+        }
+    };
+}

@@ -459,30 +459,7 @@ async fn cost_model_predicts_what_the_median_pod_receives(mode: Mode) {
     task.abort();
 }
 
-/// Every test runs against meshd in istiod mode (the default) and in
-/// extended mode.
-macro_rules! in_both_modes {
-    ($($name:ident),* $(,)?) => {
-        mod istiod {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(super::Mode::Istiod).await;
-                }
-            )*
-        }
-        mod extended {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(super::Mode::Extended).await;
-                }
-            )*
-        }
-    };
-}
-
-in_both_modes!(
+sidetunnel_tests::in_both_meshd_modes!(
     scoped_proxy_holds_exactly_what_its_pod_needs,
     destination_change_reaches_only_its_subscribers,
     idle_destinations_are_dropped_but_pinned_names_stay,

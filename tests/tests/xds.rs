@@ -550,30 +550,7 @@ async fn removed_destination_is_answered_when_asked_again(mode: Mode) {
     task.abort();
 }
 
-/// Every test runs against meshd in istiod mode (the default) and in
-/// extended mode.
-macro_rules! in_both_modes {
-    ($($name:ident),* $(,)?) => {
-        mod istiod {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(super::Mode::Istiod).await;
-                }
-            )*
-        }
-        mod extended {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(super::Mode::Extended).await;
-                }
-            )*
-        }
-    };
-}
-
-in_both_modes!(
+sidetunnel_tests::in_both_meshd_modes!(
     wildcard_sync_fills_the_store,
     on_demand_fetches_workload_ip_vip_and_hostname,
     inventory_edits_arrive_as_deltas,

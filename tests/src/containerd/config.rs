@@ -66,6 +66,18 @@ fn imports(c: &Params) -> String {
         .join(", ")
 }
 
+/// The daemon's own sockets, log level and (no) metrics listener: the same
+/// tables in schema 2 and 3.
+fn endpoints(c: &Params) -> String {
+    format!(
+        "[grpc]\n  address = {}\n\n[ttrpc]\n  address = {}\n\n[debug]\n  level = {}\n\n\
+         [metrics]\n  address = \"\"\n",
+        p(c.socket),
+        p(&c.socket.with_extension("sock.ttrpc")),
+        s(if c.debug { "debug" } else { "info" }),
+    )
+}
+
 /// containerd 2.x: schema 3 (2.3 migrates it to 4 on load, with a warning).
 fn render_v3(c: &Params) -> String {
     const RUNTIME: &str = r#"plugins."io.containerd.cri.v1.runtime""#;
@@ -95,18 +107,7 @@ disabled_plugins = [
   "io.containerd.tracing.processor.v1.otlp",
 ]
 
-[grpc]
-  address = {socket}
-
-[ttrpc]
-  address = {ttrpc}
-
-[debug]
-  level = {level}
-
-[metrics]
-  address = ""
-
+{endpoints}
 [{IMAGES}]
   snapshotter = {snapshotter}
 
@@ -138,9 +139,7 @@ disabled_plugins = [
         imports = imports(c),
         root = p(c.root),
         state = p(c.state),
-        socket = p(c.socket),
-        ttrpc = p(&c.socket.with_extension("sock.ttrpc")),
-        level = s(if c.debug { "debug" } else { "info" }),
+        endpoints = endpoints(c),
         sandbox_image = s(c.sandbox_image),
         snapshotter = s(c.snapshotter),
         runc_root = p(c.runc_root),
@@ -202,18 +201,7 @@ disabled_plugins = [
   "io.containerd.tracing.processor.v1.otlp",
 ]
 
-[grpc]
-  address = {socket}
-
-[ttrpc]
-  address = {ttrpc}
-
-[debug]
-  level = {level}
-
-[metrics]
-  address = ""
-
+{endpoints}
 [{CRI}]
   sandbox_image = {sandbox_image}
   # The test VM lacks CAP_SYS_RESOURCE: never lower oom_score_adj.
@@ -237,9 +225,7 @@ disabled_plugins = [
 {sidetunnel}"#,
         root = p(c.root),
         state = p(c.state),
-        socket = p(c.socket),
-        ttrpc = p(&c.socket.with_extension("sock.ttrpc")),
-        level = s(if c.debug { "debug" } else { "info" }),
+        endpoints = endpoints(c),
         sandbox_image = s(c.sandbox_image),
         snapshotter = s(c.snapshotter),
         runc_root = p(c.runc_root),
