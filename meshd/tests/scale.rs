@@ -121,7 +121,7 @@ fn cost_model_of_scenario_a_in(snap: &sidetunnel_meshd::snapshot::Snapshot, mode
 /// from the cost model (`cargo test -p sidetunnel-meshd --test scale
 /// -- --ignored --nocapture figures`; scenario C takes a while in debug).
 #[test]
-#[ignore]
+#[ignore = "prints docs/scale.md's figures for both modes (slow in debug); run with --ignored --nocapture"]
 fn figures() {
     for sc in SCENARIOS {
         let snap = scale::snapshot(&sc.inventory().unwrap()).unwrap();

@@ -216,15 +216,8 @@ pub fn in_socket_dir(address: &str, socket_dir: Option<&str>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::options::tests::any;
     use containerd_shim::api::Options as RuncOptions;
-
-    fn any(type_url: &str, value: Vec<u8>) -> Any {
-        Any {
-            type_url: type_url.into(),
-            value,
-            ..Default::default()
-        }
-    }
 
     fn put_bytes(out: &mut Vec<u8>, field: u8, b: &[u8]) {
         out.push((field << 3) | 2);

@@ -195,10 +195,11 @@ impl RuntimeOptions {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn any(type_url: &str, value: Vec<u8>) -> Any {
+    /// An `Any` as containerd sends it (also used by bootstrap's tests).
+    pub(crate) fn any(type_url: &str, value: Vec<u8>) -> Any {
         Any {
             type_url: type_url.into(),
             value,

@@ -78,6 +78,34 @@ fn endpoints(c: &Params) -> String {
     )
 }
 
+/// What follows the runc runtime in both schemas: the sidetunnel
+/// runtime's options, the crun runtime and the registry host directory.
+/// `runtime` and `images` are the plugin tables that hold runtimes and the
+/// registry (one CRI table in schema 2, split in 3); `sandboxer` is the
+/// extra line a schema-3 runtime table carries.
+fn runtime_extras(c: &Params, runtime: &str, images: &str, sandboxer: &str) -> String {
+    let mut out = String::new();
+    if let Some(cfg) = c.sidetunnel_config.filter(|_| c.imports.is_empty()) {
+        out += &format!(
+            "\n[{runtime}.containerd.runtimes.sidetunnel.options]\n  ConfigPath = {}\n",
+            p(cfg)
+        );
+    }
+    if let Some(crun) = &c.crun {
+        out += &format!(
+            "\n[{runtime}.containerd.runtimes.crun]\n  runtime_type = \"io.containerd.runc.v2\"\n\
+             {sandboxer}\n[{runtime}.containerd.runtimes.crun.options]\n  SystemdCgroup = false\n  \
+             BinaryName = {}\n  Root = {}\n",
+            p(crun),
+            p(&c.runc_root.with_extension("crun")),
+        );
+    }
+    if let Some(dir) = c.registry_config_path {
+        out += &format!("\n[{images}.registry]\n  config_path = {}\n", p(dir));
+    }
+    out
+}
+
 /// containerd 2.x: schema 3 (2.3 migrates it to 4 on load, with a warning).
 fn render_v3(c: &Params) -> String {
     const RUNTIME: &str = r#"plugins."io.containerd.cri.v1.runtime""#;
@@ -154,25 +182,7 @@ disabled_plugins = [
             String::new()
         },
     );
-    if let Some(cfg) = c.sidetunnel_config.filter(|_| c.imports.is_empty()) {
-        out += &format!(
-            "\n[{RUNTIME}.containerd.runtimes.sidetunnel.options]\n  ConfigPath = {}\n",
-            p(cfg)
-        );
-    }
-    if let Some(crun) = &c.crun {
-        out += &format!(
-            "\n[{RUNTIME}.containerd.runtimes.crun]\n  runtime_type = \"io.containerd.runc.v2\"\n  \
-             sandboxer = \"podsandbox\"\n\
-             \n[{RUNTIME}.containerd.runtimes.crun.options]\n  SystemdCgroup = false\n  \
-             BinaryName = {}\n  Root = {}\n",
-            p(crun),
-            p(&c.runc_root.with_extension("crun")),
-        );
-    }
-    if let Some(dir) = c.registry_config_path {
-        out += &format!("\n[{IMAGES}.registry]\n  config_path = {}\n", p(dir));
-    }
+    out += &runtime_extras(c, RUNTIME, IMAGES, "  sandboxer = \"podsandbox\"\n");
     out += &format!(
         "\n[{RUNTIME}.cni]\n  {cni_bin}\n  conf_dir = {}\n  max_conf_num = 1\n",
         p(c.cni_conf_dir),
@@ -240,24 +250,7 @@ disabled_plugins = [
             String::new()
         },
     );
-    if let Some(cfg) = c.sidetunnel_config.filter(|_| c.imports.is_empty()) {
-        out += &format!(
-            "\n[{CRI}.containerd.runtimes.sidetunnel.options]\n  ConfigPath = {}\n",
-            p(cfg)
-        );
-    }
-    if let Some(crun) = &c.crun {
-        out += &format!(
-            "\n[{CRI}.containerd.runtimes.crun]\n  runtime_type = \"io.containerd.runc.v2\"\n\
-             \n[{CRI}.containerd.runtimes.crun.options]\n  SystemdCgroup = false\n  \
-             BinaryName = {}\n  Root = {}\n",
-            p(crun),
-            p(&c.runc_root.with_extension("crun")),
-        );
-    }
-    if let Some(dir) = c.registry_config_path {
-        out += &format!("\n[{CRI}.registry]\n  config_path = {}\n", p(dir));
-    }
+    out += &runtime_extras(c, CRI, CRI, "");
     out += &format!(
         "\n[{CRI}.cni]\n  bin_dir = {}\n  conf_dir = {}\n  max_conf_num = 1\n",
         p(c.cni_bin_dir),
