@@ -20,3 +20,10 @@ pub const HBONE_PORT: &str = "SIDETUNNEL_HBONE_PORT";
 pub const METRICS_PORT: &str = "SIDETUNNEL_METRICS_PORT";
 pub const READINESS_PORT: &str = "SIDETUNNEL_READINESS_PORT";
 pub const MARK: &str = "SIDETUNNEL_MARK";
+/// `true` runs the proxy's DNS server (the shim sets it when DNS capture
+/// is on for the pod).
+pub const DNS_PROXY: &str = "SIDETUNNEL_DNS_PROXY";
+pub const DNS_PORT: &str = "SIDETUNNEL_DNS_PORT";
+/// The pod's resolv.conf, copied where the proxy can read it: its
+/// nameservers are the DNS proxy's upstream.
+pub const DNS_RESOLV_CONF: &str = "SIDETUNNEL_DNS_RESOLV_CONF";

@@ -12,6 +12,8 @@ pub const HBONE: u16 = 15008;
 pub const METRICS: u16 = 15020;
 /// Readiness (see [`crate::readiness`]).
 pub const READINESS: u16 = 15021;
+/// DNS proxy (UDP and TCP, on loopback), when DNS capture is on.
+pub const DNS: u16 = 15053;
 /// The mark on the proxy's own sockets, which the rules let pass
 /// uncaptured (otherwise its upstream connections would loop back to it).
 pub const MARK: u32 = 0x539;

@@ -7,7 +7,7 @@
 //! configs for HBONE and the control plane), `cert_source` (certificates
 //! from the Istio CA or files), `xds` (delta ADS client), `hbone` (HTTP/2
 //! CONNECT tunnels and pool), `authz` (L4 AuthorizationPolicy), `metrics`
-//! (Prometheus), `admin` (readiness, logging, the Unix-socket admin API),
+//! (Prometheus), `dns` (the in-pod DNS proxy), `admin` (readiness, logging, the Unix-socket admin API),
 //! `proxy` (the listeners and the wiring of all of the above).
 
 pub mod admin;
@@ -15,6 +15,7 @@ pub mod authz;
 pub mod cert_source;
 pub mod config;
 pub mod crypto;
+pub mod dns;
 pub mod hbone;
 pub mod identity;
 pub mod metrics;

@@ -114,7 +114,7 @@ impl Default for RedirectConfig {
             hbone_port: ports::HBONE,
             metrics_port: ports::METRICS,
             readiness_port: ports::READINESS,
-            dns_port: 15053,
+            dns_port: ports::DNS,
             proxy_mark: ports::MARK,
             mark_mask: 0xfff,
             tproxy_mark: 0x111,

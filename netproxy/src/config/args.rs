@@ -13,7 +13,7 @@ use sidetunnel_contract as contract;
 
 use super::parse::{duration_or, parse_mark, parse_size, string_or_int};
 use super::{
-    CertSource, Config, ConfigError, Endpoint, InboundPolicy, Limits, LogFormat,
+    CertSource, Config, ConfigError, DnsSettings, Endpoint, InboundPolicy, Limits, LogFormat,
     MAX_CONNECTIONS_CAP, MAX_COPY_BUFFER_BUDGET, PodIdentity, PoolConfig, Ports, XdsMode,
 };
 
@@ -294,6 +294,33 @@ pub struct ProxyArgs {
     )]
     #[serde(default)]
     pub probe_sources: Vec<String>,
+
+    /// Run the DNS proxy: answer mesh hosts from xDS, forward the rest to
+    /// the resolvers of --dns-resolv-conf [default: false].
+    #[arg(long, env = contract::env::DNS_PROXY, value_name = "BOOL", help_heading = "DNS")]
+    pub dns_proxy: Option<bool>,
+    /// DNS proxy port on loopback (UDP and TCP) [default: 15053].
+    #[arg(long, env = contract::env::DNS_PORT, help_heading = "DNS")]
+    pub dns_port: Option<u16>,
+    /// The pod's resolv.conf (required with --dns-proxy true).
+    #[arg(
+        long,
+        env = contract::env::DNS_RESOLV_CONF,
+        value_name = "FILE",
+        help_heading = "DNS"
+    )]
+    pub dns_resolv_conf: Option<PathBuf>,
+    /// Kubernetes cluster domain [default: cluster.local].
+    #[arg(long, env = "SIDETUNNEL_DNS_CLUSTER_DOMAIN", help_heading = "DNS")]
+    pub dns_cluster_domain: Option<String>,
+    /// Longest wait of a DNS query for an on-demand xDS fetch [default: 1s].
+    #[arg(
+        long,
+        env = "SIDETUNNEL_DNS_ON_DEMAND_TIMEOUT",
+        value_name = "DURATION",
+        help_heading = "DNS"
+    )]
+    pub dns_on_demand_timeout: Option<String>,
 }
 
 /// Takes `a` unless it is empty/unset, else `b`.
@@ -331,7 +358,8 @@ impl ProxyArgs {
             readiness_port, mark, admin_socket, drain_grace_period, connect_timeout,
             on_demand_timeout, pool_max_streams, pool_idle_timeout, worker_threads, log_format, log_level,
             inbound_policy, xds_idle_timeout, max_connections, h2_stream_window,
-            h2_connection_window, copy_buffer_budget;
+            h2_connection_window, copy_buffer_budget, dns_proxy, dns_port, dns_resolv_conf,
+            dns_cluster_domain, dns_on_demand_timeout;
             pod_ips, probe_sources, xds_prefetch)
     }
 
@@ -433,6 +461,14 @@ impl ProxyArgs {
             readiness: self.readiness_port.unwrap_or(d.readiness),
         };
         check_ports(&ports)?;
+        let dns = resolve_dns(
+            self.dns_proxy,
+            self.dns_port,
+            self.dns_resolv_conf,
+            self.dns_cluster_domain,
+            self.dns_on_demand_timeout,
+            &ports,
+        )?;
 
         let mark = match self.mark {
             Some(m) => parse_mark(&m).map_err(|e| ConfigError::invalid("mark", &m, e))?,
@@ -504,8 +540,70 @@ impl ProxyArgs {
                 .iter()
                 .map(|s| parse_net(s).map_err(|e| ConfigError::invalid("probe-source", s, e)))
                 .collect::<Result<_, _>>()?,
+            dns,
         })
     }
+}
+
+/// The DNS proxy settings, when `--dns-proxy true`.
+fn resolve_dns(
+    enabled: Option<bool>,
+    port: Option<u16>,
+    resolv_conf: Option<PathBuf>,
+    cluster_domain: Option<String>,
+    on_demand_timeout: Option<String>,
+    ports: &Ports,
+) -> Result<Option<DnsSettings>, ConfigError> {
+    if enabled != Some(true) {
+        return Ok(None);
+    }
+    let port = port.unwrap_or(contract::ports::DNS);
+    if port == 0 {
+        return Err(ConfigError::invalid(
+            "dns-port",
+            port,
+            "port 0 is not allowed",
+        ));
+    }
+    // The DNS listeners are UDP and TCP on loopback; only the TCP ports
+    // can clash.
+    if let Some(p) = [
+        ports.outbound,
+        ports.inbound_plaintext,
+        ports.hbone,
+        ports.metrics,
+        ports.readiness,
+    ]
+    .into_iter()
+    .find(|p| *p == port)
+    {
+        return Err(ConfigError::invalid(
+            "dns-port",
+            port,
+            format!("port {p} is taken by another listener"),
+        ));
+    }
+    let resolv_conf = required(
+        resolv_conf,
+        "dns-resolv-conf",
+        contract::env::DNS_RESOLV_CONF,
+    )?;
+    let cluster_domain = cluster_domain
+        .unwrap_or_else(|| "cluster.local".into())
+        .trim_end_matches('.')
+        .to_ascii_lowercase();
+    check_name("dns-cluster-domain", &cluster_domain)?;
+    let on_demand_timeout = match on_demand_timeout {
+        None => super::DEFAULT_DNS_ON_DEMAND_TIMEOUT,
+        Some(s) => super::parse_duration(&s)
+            .map_err(|e| ConfigError::invalid("dns-on-demand-timeout", &s, e))?,
+    };
+    Ok(Some(DnsSettings {
+        port,
+        resolv_conf,
+        cluster_domain,
+        on_demand_timeout,
+    }))
 }
 
 /// `--max-connections`, the HTTP/2 windows and the copy-buffer budget,

@@ -172,6 +172,25 @@ impl Ports {
     }
 }
 
+/// The DNS proxy (`--dns-proxy`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct DnsSettings {
+    /// UDP and TCP port on loopback the ruleset redirects port 53 to.
+    pub port: u16,
+    /// The pod's resolv.conf: upstream nameservers, search domains, ndots.
+    pub resolv_conf: PathBuf,
+    /// Kubernetes cluster domain (Service names end in `svc.<domain>`).
+    pub cluster_domain: String,
+    /// Longest wait of one query for an on-demand xDS fetch.
+    #[serde(with = "parse::duration_serde")]
+    pub on_demand_timeout: Duration,
+}
+
+/// Default bound of a DNS query's on-demand wait: well under a stub
+/// resolver's 5 s timeout, so a slow control plane costs one forward, not a
+/// client retry.
+pub const DEFAULT_DNS_ON_DEMAND_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// HBONE client pool tuning.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct PoolConfig {
@@ -252,6 +271,8 @@ pub struct Config {
     pub log_level: String,
     pub inbound_policy: InboundPolicy,
     pub probe_sources: Vec<IpNet>,
+    /// The DNS proxy, when enabled.
+    pub dns: Option<DnsSettings>,
 }
 
 impl Config {

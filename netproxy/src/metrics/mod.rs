@@ -1,18 +1,20 @@
 //! Telemetry: Prometheus metrics with Istio's names and labels (served on
 //! the metrics port as text exposition) and the per-connection access log.
 //!
-//! Submodules: `traffic` (TCP connection metrics, labels, the per-connection
+//! Submodules: `dns` (DNS proxy counters), `traffic` (TCP connection metrics, labels, the per-connection
 //! recorder that also writes the access log) and `xds` (control-plane
 //! counters, read from the xDS client at scrape time). Traffic metrics are
 //! registered under the `istio_` prefix, so counters come out as e.g.
 //! `istio_tcp_connections_opened_total`.
 
+mod dns;
 mod limits;
 mod traffic;
 mod xds;
 
 use prometheus_client::registry::Registry;
 
+pub use dns::DnsMetrics;
 pub use limits::{ConnectionTableMetrics, CopyBufferMetrics, ListenerLabel};
 pub use traffic::{
     ConnectionOpen, ConnectionRecorder, Peer, Reporter, ResponseFlags, SecurityPolicy,
@@ -26,6 +28,7 @@ pub struct Metrics {
     pub traffic: TrafficMetrics,
     pub xds: XdsMetrics,
     pub connections: ConnectionTableMetrics,
+    pub dns: DnsMetrics,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -48,6 +51,7 @@ impl Metrics {
         registry.register_collector(Box::new(xds.clone()));
         let connections =
             ConnectionTableMetrics::register(registry.sub_registry_with_prefix("sidetunnel"));
+        let dns = DnsMetrics::register(registry.sub_registry_with_prefix("sidetunnel"));
         registry.register_collector(Box::new(CopyBufferMetrics::new(
             crate::hbone::CopyBudget::global(),
         )));
@@ -56,6 +60,7 @@ impl Metrics {
             traffic,
             xds,
             connections,
+            dns,
         }
     }
 

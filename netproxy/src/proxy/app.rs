@@ -1,6 +1,6 @@
 //! Process wiring of `sidetunnel-proxy run`: binds every listener first (a
 //! clash fails the start), starts the certificate source and the xDS
-//! client, serves the data path, metrics, readiness and the admin socket,
+//! client, serves the data path, the DNS proxy (if enabled), metrics, readiness and the admin socket,
 //! and on SIGTERM/SIGINT drains: listeners close, readiness turns 503, open
 //! connections get the grace period, then the process exits.
 
@@ -17,6 +17,7 @@ use super::{Drain, Listeners, ProxyInputs};
 use crate::admin::{self, LogControl, Readiness};
 use crate::cert_source::{CaClientConfig, CertSource, CertSourceError, FileSourceConfig};
 use crate::config::{CertSource as CfgCertSource, Config};
+use crate::dns::DnsServer;
 use crate::identity::{CertificateManager, Identity, IdentityParseError};
 use crate::metrics::Metrics;
 use crate::socket;
@@ -36,6 +37,8 @@ pub enum StartError {
     },
     #[error(transparent)]
     Admin(#[from] admin::AdminError),
+    #[error("DNS proxy: {0}")]
+    Dns(#[from] crate::dns::DnsStartError),
     #[error("pod identity: {0}")]
     Identity(#[from] IdentityParseError),
     #[error("certificate source: {0}")]
@@ -83,12 +86,28 @@ pub async fn run(cfg: Config, logs: LogControl) -> Result<(), StartError> {
     )?;
     let (certs, cert_task) = cert_source(&cfg).spawn(identity.clone())?;
     let store = Arc::new(Store::with_demand_timeout(cfg.on_demand_timeout));
+    let metrics = Arc::new(Metrics::new());
+    // Bound before the xDS client starts so a clash or a bad resolv.conf
+    // fails the start like any other listener.
+    let dns = cfg
+        .dns
+        .as_ref()
+        .map(|d| {
+            DnsServer::bind(
+                d,
+                &cfg.pod.namespace,
+                &cfg.pod.network,
+                cfg.mark,
+                store.clone(),
+                metrics.dns.clone(),
+            )
+        })
+        .transpose()?;
     let (xds, xds_task) = XdsClient::new(
         XdsConfig::from_proxy_config(&cfg, &local_ips),
         store.clone(),
     )
     .spawn();
-    let metrics = Arc::new(Metrics::new());
     metrics.xds.attach(xds.clone());
     info!(%identity, ips = ?local_ips, xds = %cfg.xds.address, "sidetunnel-proxy starting");
 
@@ -114,6 +133,9 @@ pub async fn run(cfg: Config, logs: LogControl) -> Result<(), StartError> {
         local_ips,
     );
     let data_path = tokio::spawn(super::run(pi.clone(), listeners, acceptor, drain.clone()));
+    if let Some(dns) = dns {
+        tokio::spawn(dns.serve(stop.clone()));
+    }
     tokio::spawn(log_ready(started, certs.clone(), xds.clone()));
     tokio::spawn(super::limits::release_memory_after_bursts(
         pi.connections.clone(),

@@ -19,6 +19,9 @@ pub(super) struct Indexes {
     pub services: HashMap<String, Arc<Service>>,
     /// VIP → services on it (by network).
     service_vips: AddrIndex<Service>,
+    /// hostname → `ns/hostname` keys of the services with that hostname
+    /// (one per namespace: a Service and ServiceEntries may share a host).
+    hosts: HashMap<String, BTreeSet<String>>,
     /// `ns/hostname` → uids of workloads backing it (the service need not be
     /// known yet: endpoints may arrive first).
     endpoints: HashMap<String, BTreeSet<String>>,
@@ -42,6 +45,16 @@ impl Indexes {
 
     pub fn service_by_vip(&self, network: &str, ip: IpAddr) -> Option<Arc<Service>> {
         self.service_vips.get(network, ip)
+    }
+
+    /// Services named `hostname`, in any namespace, ordered by key.
+    pub fn services_by_host(&self, hostname: &str) -> Vec<Arc<Service>> {
+        self.hosts
+            .get(hostname)
+            .into_iter()
+            .flatten()
+            .filter_map(|k| self.services.get(k).cloned())
+            .collect()
     }
 
     pub fn lookup_name(&self, name: &str) -> Option<Address> {
@@ -127,6 +140,10 @@ impl Indexes {
             self.absent.remove(&vip.to_string());
             self.service_vips.insert(vip.clone(), Arc::clone(&s));
         }
+        self.hosts
+            .entry(s.hostname.clone())
+            .or_default()
+            .insert(key.clone());
         self.services.insert(key, s);
     }
 
@@ -154,6 +171,12 @@ impl Indexes {
         };
         for vip in &old.vips {
             self.service_vips.remove(vip.address, |s| s.key() == key);
+        }
+        if let Some(keys) = self.hosts.get_mut(&old.hostname) {
+            keys.remove(key);
+            if keys.is_empty() {
+                self.hosts.remove(&old.hostname);
+            }
         }
         true
     }

@@ -243,6 +243,26 @@ impl Store {
         idx.services.get(&key).cloned()
     }
 
+    /// Services whose hostname is exactly `hostname` (a wildcard host such
+    /// as `*.example.com` only under that literal name), in any namespace,
+    /// ordered by `namespace/hostname`. Counts as a use of each.
+    pub fn services_by_host(&self, hostname: &str) -> Vec<Arc<Service>> {
+        let idx = self.read();
+        let found = idx.services_by_host(hostname);
+        for s in &found {
+            self.touch_name(&idx, &s.key());
+        }
+        found
+    }
+
+    /// Whether an on-demand subscriber is installed (on-demand xDS mode).
+    pub fn on_demand(&self) -> bool {
+        self.demand
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+    }
+
     /// Workload IP first, then service VIP (as ztunnel resolves destinations).
     pub fn lookup_address(&self, network: &str, ip: IpAddr) -> Option<Address> {
         let idx = self.read();

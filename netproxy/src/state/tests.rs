@@ -497,3 +497,36 @@ async fn idle_demands_are_dropped_with_what_only_they_brought() {
     tokio::time::sleep(Duration::from_millis(5)).await;
     assert_eq!(store.idle_demands(Duration::ZERO), ["/10.0.0.1"]);
 }
+
+#[test]
+fn services_by_host_spans_namespaces_and_forgets_removed_ones() {
+    let store = Store::new();
+    let mut other = proto_service("web", "10.96.0.2");
+    other.namespace = "other".into();
+    let other = Arc::new(convert::service(&other).unwrap());
+    store.apply(StoreUpdate {
+        addresses: vec![
+            Address::Service(service("web", "10.96.0.1")),
+            Address::Service(other),
+        ],
+        ..Default::default()
+    });
+    let host = "web.default.svc.cluster.local";
+    let found: Vec<String> = store
+        .services_by_host(host)
+        .iter()
+        .map(|s| s.key())
+        .collect();
+    assert_eq!(found, [format!("default/{host}"), format!("other/{host}")]);
+    store.apply(StoreUpdate {
+        removed_addresses: vec![format!("default/{host}")],
+        ..Default::default()
+    });
+    assert_eq!(store.services_by_host(host).len(), 1);
+    store.apply(StoreUpdate {
+        removed_addresses: vec![format!("other/{host}")],
+        ..Default::default()
+    });
+    assert!(store.services_by_host(host).is_empty());
+    assert!(!store.on_demand());
+}
