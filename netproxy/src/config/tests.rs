@@ -428,3 +428,55 @@ fn xds_node_metadata_never_asks_istiod_for_node_wide_pushes() {
     let wildcard = parse(&["--xds-mode", "wildcard"]).unwrap();
     assert!(!node_md(&wildcard).contains_key("NODE_NAME"));
 }
+
+#[test]
+fn dns_proxy_is_off_by_default_and_needs_a_resolv_conf() {
+    assert_eq!(parse(&[]).unwrap().dns, None);
+    assert_eq!(parse(&["--dns-proxy", "false"]).unwrap().dns, None);
+    let e = parse(&["--dns-proxy", "true"]).unwrap_err().to_string();
+    assert!(e.contains("--dns-resolv-conf"), "{e}");
+    let d = parse(&["--dns-proxy", "true", "--dns-resolv-conf", "/r"])
+        .unwrap()
+        .dns
+        .unwrap();
+    assert_eq!(d.port, 15053);
+    assert_eq!(d.cluster_domain, "cluster.local");
+    assert_eq!(d.on_demand_timeout, DEFAULT_DNS_ON_DEMAND_TIMEOUT);
+    let d = parse(&[
+        "--dns-proxy",
+        "true",
+        "--dns-resolv-conf",
+        "/r",
+        "--dns-port",
+        "5353",
+        "--dns-cluster-domain",
+        "Corp.Example.",
+        "--dns-on-demand-timeout",
+        "250ms",
+    ])
+    .unwrap()
+    .dns
+    .unwrap();
+    assert_eq!(
+        (d.port, d.cluster_domain.as_str(), d.on_demand_timeout),
+        (5353, "corp.example", Duration::from_millis(250))
+    );
+    for (flag, value) in [
+        ("--dns-port", "15001"),
+        ("--dns-port", "0"),
+        ("--dns-cluster-domain", "a/b"),
+        ("--dns-on-demand-timeout", "soon"),
+    ] {
+        let e = parse(&[
+            "--dns-proxy",
+            "true",
+            "--dns-resolv-conf",
+            "/r",
+            flag,
+            value,
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains(&flag[2..]), "{flag} {value}: {e}");
+    }
+}

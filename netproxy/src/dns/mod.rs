@@ -115,3 +115,6 @@ impl DnsServer {
         self.listeners.serve(self.proxy, stop).await
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -14,7 +14,7 @@ mod xds;
 
 use prometheus_client::registry::Registry;
 
-pub use dns::DnsMetrics;
+pub use dns::{DnsMetrics, DnsQueryLabels};
 pub use limits::{ConnectionTableMetrics, CopyBufferMetrics, ListenerLabel};
 pub use traffic::{
     ConnectionOpen, ConnectionRecorder, Peer, Reporter, ResponseFlags, SecurityPolicy,
