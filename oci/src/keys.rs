@@ -28,6 +28,8 @@ pub mod crio {
     /// Sandbox: `<log_directory>/<sandbox id>.log`; container: its log file.
     pub const LOG_PATH: &str = "io.kubernetes.cri-o.LogPath";
     pub const HOST_NETWORK: &str = "io.kubernetes.cri-o.HostNetwork";
+    /// Sandbox: the resolv.conf CRI-O wrote for the pod.
+    pub const RESOLV_PATH: &str = "io.kubernetes.cri-o.ResolvPath";
 }
 
 /// Labels kubelet puts on every sandbox and container.

@@ -58,6 +58,10 @@ pub struct PodInfo {
     pub cgroup_path: Option<CgroupsPath>,
     /// kubelet's per-pod log directory (`/var/log/pods/<ns>_<name>_<uid>`).
     pub log_directory: Option<PathBuf>,
+    /// The resolv.conf the runtime wrote for the pod (containerd: the
+    /// source of the sandbox's `/etc/resolv.conf` mount; CRI-O: its
+    /// `ResolvPath` annotation); `None` if the spec names none.
+    pub resolv_conf: Option<PathBuf>,
     /// All annotations of the sandbox spec. With containerd, pod annotations
     /// appear here only when the runtime's `pod_annotations` allow-list
     /// matches them; CRI-O copies all of them.
@@ -217,6 +221,12 @@ fn containerd_sandbox(spec: &Spec, ann: &Annotations) -> Result<PodInfo> {
         log_directory: ann
             .get(containerd::SANDBOX_LOG_DIRECTORY)
             .map(PathBuf::from),
+        resolv_conf: spec
+            .mounts
+            .iter()
+            .find(|m| m.destination == Path::new("/etc/resolv.conf"))
+            .and_then(|m| m.source.clone())
+            .filter(|p| p.is_absolute()),
         annotations: spec.annotations.clone(),
     })
 }
@@ -315,6 +325,10 @@ fn crio_sandbox(spec: &Spec, ann: &Annotations) -> Result<PodInfo> {
         host_network,
         cgroup_path,
         log_directory,
+        resolv_conf: ann
+            .get(crio::RESOLV_PATH)
+            .map(PathBuf::from)
+            .filter(|p| p.is_absolute()),
         annotations: spec.annotations.clone(),
     })
 }

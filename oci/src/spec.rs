@@ -27,6 +27,17 @@ pub struct Spec {
     pub root: Option<Root>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub linux: Option<Linux>,
+    #[serde(default, deserialize_with = "null_default")]
+    pub mounts: Vec<Mount>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Mount {
+    #[serde(default, deserialize_with = "null_default")]
+    pub destination: PathBuf,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

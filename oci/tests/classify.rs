@@ -39,6 +39,12 @@ fn containerd_sandbox() {
             "/var/log/pods/shop_web_{CONTAINERD_UID}"
         )))
     );
+    assert_eq!(
+        p.resolv_conf,
+        Some(PathBuf::from(format!(
+            "/var/lib/containerd/io.containerd.grpc.v1.cri/sandboxes/{CONTAINERD_SANDBOX}/resolv.conf"
+        )))
+    );
     let cg = p.cgroup_path.as_ref().unwrap();
     assert_eq!(
         cg,
@@ -101,6 +107,9 @@ fn crio_sandbox() {
             "/var/log/pods/bookinfo_reviews-v1-7d9f8_8b6a3c1e-4f0e-4a37-9d52-2f1c0e7d9a11"
         ))
     );
+    let resolv = p.resolv_conf.as_deref().unwrap().to_str().unwrap();
+    assert!(resolv.starts_with("/run/containers/storage/overlay-containers/5d2d0b6f"));
+    assert!(resolv.ends_with("/userdata/resolv.conf"));
     assert_eq!(
         p.cgroup_path.as_ref().unwrap().pod_cgroup(),
         Some(PathBuf::from(

@@ -328,6 +328,23 @@ fn prepare_dirs(p: &Prepared) -> std::io::Result<()> {
     Ok(())
 }
 
+/// With DNS capture on, the proxy's DNS server forwards what the mesh does
+/// not answer to the pod's own resolvers: it gets a copy of the
+/// resolv.conf the runtime wrote for the pod (the proxy runs outside the
+/// pod's mount namespace). Without one, capture would send the app's DNS to
+/// a proxy with nowhere to forward it: the sandbox fails instead.
+fn copy_resolv_conf(p: &Prepared) -> std::result::Result<PathBuf, String> {
+    let src = p.pod.resolv_conf.as_ref().ok_or(
+        "DNS capture is on but the sandbox spec names no resolv.conf \
+         (no /etc/resolv.conf mount, no CRI-O ResolvPath)",
+    )?;
+    let dst = p.paths.proxy_dir.join("resolv.conf");
+    std::fs::copy(src, &dst).map_err(|e| format!("copy resolv.conf {}: {e}", src.display()))?;
+    std::os::unix::fs::chown(&dst, Some(p.node.proxy.uid), Some(p.node.proxy.gid))
+        .map_err(|e| format!("chown {}: {e}", dst.display()))?;
+    Ok(dst)
+}
+
 /// Builds the launch plan: cgroups of the pause process, identity, token,
 /// arguments and environment.
 fn plan(p: &Prepared, pause_pid: i32) -> std::result::Result<ProxyPlan, String> {
@@ -438,6 +455,12 @@ fn plan(p: &Prepared, pause_pid: i32) -> std::result::Result<ProxyPlan, String> 
         }
         if let Some(t) = &token {
             std_env.push((proxy_env::TOKEN_FILE, t.1.display().to_string()));
+        }
+        if r.dns_capture {
+            let resolv = copy_resolv_conf(p)?;
+            std_env.push((proxy_env::DNS_PROXY, "true".into()));
+            std_env.push((proxy_env::DNS_PORT, r.dns_port.to_string()));
+            std_env.push((proxy_env::DNS_RESOLV_CONF, resolv.display().to_string()));
         }
         env.extend(std_env.into_iter().map(|(k, v)| (k.to_owned(), v)));
     }
