@@ -114,6 +114,9 @@ pub struct Options {
     pub ztunnel_only_in: Option<Pod>,
     /// Extra `KEY=VALUE` environment for ztunnel.
     pub ztunnel_env: Vec<String>,
+    /// DNS capture in both pods' rulesets (UDP/TCP 53 → the proxy's DNS
+    /// port); the proxies then need `--dns-proxy true` in `proxy_args`.
+    pub dns_capture: bool,
 }
 
 impl Options {
@@ -135,6 +138,7 @@ impl Options {
             ztunnel: None,
             ztunnel_only_in: None,
             ztunnel_env: Vec::new(),
+            dns_capture: false,
         }
     }
 }
@@ -229,6 +233,7 @@ impl PodPair {
             exclude_outbound_ip_ranges: vec![format!("{NODE_IP}/32").parse()?],
             exclude_outbound_ports: opts.exclude_outbound_ports.clone(),
             exclude_inbound_ports: opts.exclude_inbound_ports.clone(),
+            dns_capture: opts.dns_capture,
             ..Default::default()
         };
         for ns in [&a, &b] {
