@@ -15,6 +15,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use netproxy::dns::wire::{self, RData, Rcode, Record, Response};
+pub use netproxy::dns::wire::{TYPE_A, TYPE_AAAA};
 use socket2::SockRef;
 
 use crate::netns::NetNs;
@@ -147,12 +148,32 @@ fn serve_tcp(mut c: TcpStream, table: &BTreeMap<String, Ipv4Addr>, queries: &Ato
 /// Sends raw bytes over UDP to `to` from the calling thread's namespace and
 /// waits up to `timeout` for one datagram back (`None`: nothing came).
 pub fn exchange_udp(to: SocketAddr, raw: &[u8], timeout: Duration) -> io::Result<Option<Vec<u8>>> {
+    exchange_udp_marked(to, raw, timeout, None)
+}
+
+/// [`exchange_udp`] from a socket carrying `mark` (SO_MARK; the proxy's
+/// mark passes the pod's ruleset uncaptured: the direct path).
+fn exchange_udp_marked(
+    to: SocketAddr,
+    raw: &[u8],
+    timeout: Duration,
+    mark: Option<u32>,
+) -> io::Result<Option<Vec<u8>>> {
     let any: SocketAddr = if to.is_ipv4() {
         "0.0.0.0:0".parse().expect("literal")
     } else {
         "[::]:0".parse().expect("literal")
     };
-    let s = UdpSocket::bind(any)?;
+    let s = socket2::Socket::new(
+        socket2::Domain::for_address(to),
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )?;
+    if let Some(m) = mark {
+        s.set_mark(m)?;
+    }
+    s.bind(&any.into())?;
+    let s = UdpSocket::from(s);
     s.connect(to)?;
     s.set_read_timeout(Some(timeout))?;
     s.send(raw)?;
@@ -173,9 +194,20 @@ pub fn exchange_udp(to: SocketAddr, raw: &[u8], timeout: Duration) -> io::Result
 
 /// One query over UDP (EDNS0, 1232 bytes), checked to answer it.
 pub fn query_udp(to: SocketAddr, name: &str, qtype: u16) -> io::Result<Response> {
+    query_udp_marked(to, name, qtype, None)
+}
+
+/// [`query_udp`] from a socket carrying `mark`.
+pub fn query_udp_marked(
+    to: SocketAddr,
+    name: &str,
+    qtype: u16,
+    mark: Option<u32>,
+) -> io::Result<Response> {
     let id = rand_id();
     let raw = wire::build_query(id, name, qtype, Some(1232)).ok_or_else(|| bad("bad name"))?;
-    let resp = exchange_udp(to, &raw, IO_TIMEOUT)?.ok_or_else(|| bad("no UDP answer"))?;
+    let resp =
+        exchange_udp_marked(to, &raw, IO_TIMEOUT, mark)?.ok_or_else(|| bad("no UDP answer"))?;
     checked(id, name, &resp)
 }
 

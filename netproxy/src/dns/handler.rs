@@ -21,6 +21,22 @@ use crate::state::Store;
 /// changes under it.
 pub const TTL: u32 = 30;
 
+/// The name of an IN A/AAAA query with a hostname-like name: the only
+/// queries the proxy may answer itself.
+fn asks_for_address(q: &Query) -> Option<&str> {
+    q.name
+        .as_deref()
+        .filter(|_| q.qclass == CLASS_IN && (q.qtype == TYPE_A || q.qtype == TYPE_AAAA))
+}
+
+/// The most bytes an answer may take on `transport`.
+fn limit(q: &Query, transport: Transport) -> usize {
+    match transport {
+        Transport::Udp => q.udp_limit(),
+        Transport::Tcp => u16::MAX as usize,
+    }
+}
+
 /// Everything a query needs. Share as `Arc<DnsProxy>`.
 pub struct DnsProxy {
     pub store: Arc<Store>,
@@ -45,25 +61,16 @@ impl DnsProxy {
                 return wire::error_answer(raw, &e);
             }
         };
-        let limit = match transport {
-            Transport::Udp => q.udp_limit(),
-            Transport::Tcp => u16::MAX as usize,
-        };
-        if let Some(name) = q
-            .name
-            .as_deref()
-            .filter(|_| q.qclass == CLASS_IN && (q.qtype == TYPE_A || q.qtype == TYPE_AAAA))
+        if let Some(answer) = self.answer_from_store(&q, transport) {
+            self.metrics.query(t, "answered");
+            return Some(answer);
+        }
+        if let Some(name) = asks_for_address(&q)
+            && self.fetch(name).await
+            && let Some(answer) = self.answer_from_store(&q, transport)
         {
-            if let Some(found) = self.find(name, q.qtype) {
-                self.metrics.query(t, "answered");
-                return Some(self.encode(&q, &found, limit));
-            }
-            if self.fetch(name).await
-                && let Some(found) = self.find(name, q.qtype)
-            {
-                self.metrics.query(t, "answered_on_demand");
-                return Some(self.encode(&q, &found, limit));
-            }
+            self.metrics.query(t, "answered_on_demand");
+            return Some(answer);
         }
         match self.forwarder.forward(&q, raw, transport).await {
             Ok(resp) => {
@@ -73,9 +80,17 @@ impl DnsProxy {
             Err(e) => {
                 tracing::debug!(error = %e, name = ?q.name, "DNS forwarding failed");
                 self.metrics.query(t, "upstream_failed");
-                wire::encode_answer(&q, Rcode::ServFail, false, &[], limit)
+                wire::encode_answer(&q, Rcode::ServFail, false, &[], limit(&q, transport))
             }
         }
+    }
+
+    /// The proxy's own answer to `q` from what the store holds now, if `q`
+    /// asks for the address of a mesh host (`None`: forward it, or fetch
+    /// on demand first). Synchronous: no network, no waiting.
+    pub fn answer_from_store(&self, q: &Query, transport: Transport) -> Option<Vec<u8>> {
+        let found = self.find(asks_for_address(q)?, q.qtype)?;
+        Some(self.encode(q, &found, limit(q, transport)))
     }
 
     fn find(&self, name: &str, qtype: u16) -> Option<Found> {

@@ -23,7 +23,7 @@ use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
-pub use forward::Transport;
+pub use forward::{Forwarder, Transport};
 pub use handler::{DnsProxy, TTL};
 pub use lookup::Names;
 pub use server::{DnsListeners, MAX_QUERY};

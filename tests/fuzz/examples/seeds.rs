@@ -120,6 +120,7 @@ fn main() {
     hbone_server(&root);
     jwt(&root);
     csr(&root);
+    dns(&root);
 }
 
 fn write(root: &Path, target: &str, name: &str, data: &[u8]) {
@@ -558,4 +559,46 @@ fn csr(root: &Path) {
         };
         write(root, "ca_request", name, &req.encode_to_vec());
     }
+}
+
+/// Queries as stubs send them (with and without EDNS0, search-expanded,
+/// over the UDP limit when answered), upstream responses with compressed
+/// names, and resolv.conf files.
+fn dns(root: &Path) {
+    use netproxy::dns::wire::{self, RData, Rcode, Record, TYPE_A, TYPE_AAAA};
+    let queries = [
+        ("service.bin", "web.ns.svc.cluster.local", TYPE_A, Some(1232)),
+        ("service-aaaa.bin", "web.ns.svc.cluster.local", TYPE_AAAA, None),
+        ("expanded.bin", "api.example.com.ns.svc.cluster.local", TYPE_A, Some(4096)),
+        ("wildcard.bin", "x.wild.example.svc.cluster.local", TYPE_A, None),
+        ("many.bin", "many.example.com", TYPE_AAAA, None),
+        ("outside.bin", "www.example.org", TYPE_A, Some(512)),
+        ("mx.bin", "example.org", 15, None),
+    ];
+    for (name, host, qtype, edns) in queries {
+        let q = wire::build_query(0x1234, host, qtype, edns).expect("seed name");
+        write(root, "dns_message", name, &q);
+    }
+    let q = wire::parse_query(&wire::build_query(7, "www.example.org", TYPE_A, None).expect("seed"))
+        .expect("seed parses");
+    let cname = [
+        Record {
+            owner: None,
+            ttl: 60,
+            data: RData::Cname("edge.example.net".into()),
+        },
+        Record {
+            owner: Some("edge.example.net".into()),
+            ttl: 60,
+            data: RData::A([192, 0, 2, 1].into()),
+        },
+    ];
+    let resp = wire::encode_answer(&q, Rcode::NoError, false, &cname, 512).expect("seed");
+    write(root, "dns_message", "response-cname.bin", &resp);
+    write(
+        root,
+        "dns_message",
+        "resolv.conf",
+        b"search ns.svc.cluster.local svc.cluster.local cluster.local\nnameserver 10.96.0.10\noptions ndots:5 timeout:2\n",
+    );
 }

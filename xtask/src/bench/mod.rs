@@ -8,10 +8,13 @@
 //! table in the study's shape plus one JSON line (also written to
 //! `target/bench/xds.json`).
 //!
+//! `cargo xtask bench dns` (`dns`) measures the in-pod DNS proxy.
+//!
 //! This module runs the measurements; `meshd` is the control-plane process,
 //! `proxy` the real proxy's memory, `report` the tables, `projection` the
 //! extrapolation to 50,000 pods.
 
+mod dns;
 mod meshd;
 mod podstart;
 mod projection;
@@ -51,6 +54,9 @@ pub enum BenchTask {
     /// Pod start, runc vs sidetunnel on one containerd (issue 19):
     /// sequential and burst, with the sidetunnel phases.
     Podstart(podstart::Args),
+    /// DNS proxy latency (issue 21): a cached mesh name, an on-demand name,
+    /// a forwarded name, and the resolver alone, in one run.
+    Dns(dns::Args),
 }
 
 /// Destinations per pod in the cluster totals (the issue's reference pod).
@@ -65,6 +71,7 @@ pub fn run(task: BenchTask) -> Result<()> {
         } => xds(&scenarios, &k, meshd_mode),
         BenchTask::Dataplane(args) => crate::bench_dataplane::run(&args),
         BenchTask::Podstart(args) => podstart::run(&args),
+        BenchTask::Dns(args) => dns::run(&args),
     }
 }
 
