@@ -38,6 +38,15 @@ impl Resolver {
     pub fn start(ns: &NetNs, addr: SocketAddr, table: &[(&str, Ipv4Addr)]) -> io::Result<Resolver> {
         let (udp, tcp) =
             ns.run(|| io::Result::Ok((UdpSocket::bind(addr)?, TcpListener::bind(addr)?)))?;
+        Resolver::serve(udp, tcp, table)
+    }
+
+    /// Serves `table` on UDP and TCP `addr` in the caller's namespace.
+    pub fn start_here(addr: SocketAddr, table: &[(&str, Ipv4Addr)]) -> io::Result<Resolver> {
+        Resolver::serve(UdpSocket::bind(addr)?, TcpListener::bind(addr)?, table)
+    }
+
+    fn serve(udp: UdpSocket, tcp: TcpListener, table: &[(&str, Ipv4Addr)]) -> io::Result<Resolver> {
         udp.set_read_timeout(Some(Duration::from_millis(100)))?;
         let table: Arc<BTreeMap<String, Ipv4Addr>> =
             Arc::new(table.iter().map(|(n, ip)| (n.to_string(), *ip)).collect());

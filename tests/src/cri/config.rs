@@ -24,6 +24,10 @@ pub struct PodConfig {
     /// Parent cgroup; the pod gets `<cgroup_root>/pod<uid>` like kubelet's
     /// `/kubepods/besteffort/pod<uid>`.
     pub cgroup_root: String,
+    /// The pod's DNS config (kubelet's for `dnsPolicy: ClusterFirst`:
+    /// nameservers, searches, options); `None`: the runtime copies the
+    /// node's resolv.conf.
+    pub dns: Option<cri::DnsConfig>,
 }
 
 /// A container of a pod, as in the pod spec.
@@ -74,7 +78,19 @@ impl PodConfig {
             host_network: false,
             log_root: log_root.into(),
             cgroup_root: cgroup_root.into(),
+            dns: None,
         }
+    }
+
+    /// The resolv.conf the runtime writes for the pod.
+    pub fn dns(mut self, servers: &[&str], searches: &[&str], options: &[&str]) -> Self {
+        let v = |x: &[&str]| x.iter().map(|s| s.to_string()).collect();
+        self.dns = Some(cri::DnsConfig {
+            servers: v(servers),
+            searches: v(searches),
+            options: v(options),
+        });
+        self
     }
 
     pub fn namespace(mut self, ns: &str) -> Self {
@@ -151,6 +167,7 @@ impl PodConfig {
                 self.name.clone()
             },
             log_directory: self.log_directory().to_string_lossy().into_owned(),
+            dns_config: self.dns.clone(),
             labels: self.kube_labels(),
             annotations,
             linux: Some(cri::LinuxPodSandboxConfig {

@@ -13,7 +13,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use sidetunnel_meshd::inventory::model::{Inventory, Workload};
+use sidetunnel_meshd::inventory::model::{Inventory, Service, Workload};
 use sidetunnel_tests::containerd::{Containerd, Options, SIDETUNNEL};
 use sidetunnel_tests::cri::{ContainerSpec, Cri, Pod, PodConfig};
 use sidetunnel_tests::mesh::{self, MeshNode, NodeConfigParams, metrics};
@@ -69,6 +69,8 @@ pub struct Cluster {
     config: PathBuf,
     runtime: String,
     workloads: Mutex<Vec<Workload>>,
+    /// Services (and ServiceEntries) published with the workloads.
+    services: Mutex<Vec<Service>>,
 }
 
 /// A `sidetunnel` pod with its mesh identity.
@@ -122,6 +124,7 @@ impl Cluster {
             config,
             runtime: runtime.to_owned(),
             workloads: Mutex::new(Vec::new()),
+            services: Mutex::new(Vec::new()),
         };
         // The shim reads the node config at every pod's first call, so it
         // may be written after containerd starts (meshd's address is known
@@ -226,6 +229,7 @@ impl Cluster {
             // JSON is YAML: no YAML serialiser needed.
             serde_json::to_string_pretty(&Inventory {
                 workloads: ws.clone(),
+                services: self.services.lock().unwrap().clone(),
                 ..Default::default()
             })?
         };
@@ -234,6 +238,11 @@ impl Cluster {
             self.wait_knows(p, p).await?;
         }
         Ok(())
+    }
+
+    /// Adds `service` to what the next [`Cluster::publish`] serves.
+    pub fn add_service(&self, service: Service) {
+        self.services.lock().unwrap().push(service);
     }
 
     /// Waits until `who`'s proxy holds `whom`'s workload.
