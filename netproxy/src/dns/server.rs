@@ -8,6 +8,11 @@
 //! [`MAX_TCP_CONNECTIONS`] TCP connections at once (more are dropped; the
 //! client retries), TCP messages of at most [`MAX_QUERY`] bytes, idle TCP
 //! connections closed after [`TCP_IDLE`].
+//!
+//! The sockets set SO_REUSEPORT: during a proxy handover (a new binary
+//! starting while the old one drains) both processes bind the DNS port, and
+//! the kernel spreads queries over them until the old one exits. (The DNS
+//! sockets are the proxy's own, not among the listeners the shim holds.)
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -22,7 +27,6 @@ use tokio_util::sync::CancellationToken;
 
 use super::forward::Transport;
 use super::handler::DnsProxy;
-use crate::socket;
 
 /// The largest query accepted: a stub's query is a question and an OPT
 /// record, far below this; anything bigger is not a query we answer.
@@ -49,9 +53,9 @@ impl DnsListeners {
         let v6 = SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), port);
         let mut l = DnsListeners {
             udp: vec![udp_bind(v4, mark)?],
-            tcp: vec![socket::listener(v4, mark, false)?],
+            tcp: vec![tcp_bind(v4, mark)?],
         };
-        match (udp_bind(v6, mark), socket::listener(v6, mark, false)) {
+        match (udp_bind(v6, mark), tcp_bind(v6, mark)) {
             (Ok(u), Ok(t)) => {
                 l.udp.push(u);
                 l.tcp.push(t);
@@ -97,17 +101,30 @@ impl DnsListeners {
     }
 }
 
-fn udp_bind(addr: SocketAddr, mark: u32) -> io::Result<UdpSocket> {
-    let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+/// A marked, non-blocking, SO_REUSEPORT socket bound to `addr`.
+fn bound(addr: SocketAddr, ty: Type, proto: Protocol, mark: u32) -> io::Result<Socket> {
+    let s = Socket::new(Domain::for_address(addr), ty, Some(proto))?;
     if mark != 0 {
         s.set_mark(mark)?;
     }
     if addr.is_ipv6() {
         s.set_only_v6(true)?;
     }
+    s.set_reuse_address(true)?;
+    s.set_reuse_port(true)?;
     s.set_nonblocking(true)?;
     s.bind(&addr.into())?;
-    UdpSocket::from_std(s.into())
+    Ok(s)
+}
+
+fn udp_bind(addr: SocketAddr, mark: u32) -> io::Result<UdpSocket> {
+    UdpSocket::from_std(bound(addr, Type::DGRAM, Protocol::UDP, mark)?.into())
+}
+
+fn tcp_bind(addr: SocketAddr, mark: u32) -> io::Result<TcpListener> {
+    let s = bound(addr, Type::STREAM, Protocol::TCP, mark)?;
+    s.listen(128)?;
+    TcpListener::from_std(s.into())
 }
 
 async fn serve_udp(

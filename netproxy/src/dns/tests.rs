@@ -322,3 +322,11 @@ async fn upstream_down_is_servfail() {
     assert_eq!((r.id, r.rcode), (3, Rcode::ServFail as u8));
     assert_eq!(count(&metrics, "upstream_failed"), 1);
 }
+
+#[tokio::test]
+async fn a_second_proxy_can_bind_the_dns_port_during_a_handover() {
+    let port = DnsListeners::bind(0, 0).unwrap().local_addrs()[0].port();
+    let old = DnsListeners::bind(port, 0).unwrap();
+    let new = DnsListeners::bind(port, 0).expect("SO_REUSEPORT lets both bind");
+    assert_eq!(old.local_addrs()[0].port(), new.local_addrs()[0].port());
+}
