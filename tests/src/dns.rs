@@ -178,10 +178,27 @@ fn exchange_udp_marked(
         socket2::Type::DGRAM,
         Some(socket2::Protocol::UDP),
     )?;
-    if let Some(m) = mark {
-        s.set_mark(m)?;
+    match mark {
+        Some(m) => {
+            s.set_mark(m)?;
+            // Outside the ephemeral range, as the proxy's own upstream
+            // sockets (netproxy/src/dns/forward.rs): the un-NATed
+            // conntrack entry this leaves must not meet a later unmarked
+            // query given the same port.
+            let mut bound = false;
+            for _ in 0..16 {
+                let port = 10_000 + rand_id() % 22_000;
+                if s.bind(&SocketAddr::new(any.ip(), port).into()).is_ok() {
+                    bound = true;
+                    break;
+                }
+            }
+            if !bound {
+                s.bind(&any.into())?;
+            }
+        }
+        None => s.bind(&any.into())?,
     }
-    s.bind(&any.into())?;
     let s = UdpSocket::from(s);
     s.connect(to)?;
     s.set_read_timeout(Some(timeout))?;

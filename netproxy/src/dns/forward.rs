@@ -5,12 +5,14 @@
 //! port per query, as stub resolvers do, against spoofed answers), and a
 //! response is relayed only if it matches the query's id and question.
 //! Nameservers are tried in order, `attempts` rounds, each try bounded by
-//! the resolv.conf timeout.
+//! the resolv.conf timeout. UDP source ports stay out of the ephemeral
+//! range (see [`UPSTREAM_PORTS`]).
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
+use rand::Rng;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UdpSocket;
@@ -133,7 +135,18 @@ impl Forwarder {
     }
 }
 
-/// A marked UDP socket on an ephemeral port of `server`'s family.
+/// Source ports of upstream UDP queries: below Linux's default ephemeral
+/// range (32768–60999). A forwarded query leaves an un-NATed conntrack
+/// entry (pod IP:port → nameserver:53) for 30 s after its socket closed;
+/// were the port ephemeral, an app socket given the same port in that time
+/// would match the entry and reach the nameserver around the capture
+/// (Istio separates the two with conntrack zones, which the ruleset does
+/// not use). Apps get ports from the ephemeral range, so they never meet
+/// these entries.
+const UPSTREAM_PORTS: std::ops::RangeInclusive<u16> = 10_000..=32_767;
+
+/// A marked UDP socket of `server`'s family on a random port of
+/// [`UPSTREAM_PORTS`] (a few tries; an ephemeral port if all are taken).
 fn udp_socket(server: SocketAddr, mark: u32) -> io::Result<UdpSocket> {
     let s = Socket::new(
         Domain::for_address(server),
@@ -148,6 +161,13 @@ fn udp_socket(server: SocketAddr, mark: u32) -> io::Result<UdpSocket> {
         SocketAddr::V6(_) => Ipv6Addr::UNSPECIFIED.into(),
     };
     s.set_nonblocking(true)?;
-    s.bind(&SocketAddr::new(any, 0).into())?;
+    let mut rng = rand::rng();
+    let bound = (0..16).any(|_| {
+        let port = rng.random_range(UPSTREAM_PORTS);
+        s.bind(&SocketAddr::new(any, port).into()).is_ok()
+    });
+    if !bound {
+        s.bind(&SocketAddr::new(any, 0).into())?;
+    }
     UdpSocket::from_std(s.into())
 }
