@@ -7,7 +7,6 @@
 
 mod backoff;
 pub mod crilog;
-pub mod helper;
 pub mod launch;
 mod prefetch;
 mod ready;
@@ -147,7 +146,7 @@ impl Sandboxes {
         let mut rec = base_record(&prepared);
         rec.state = "installing redirection".into();
         let _ = rec.save(&prepared.paths);
-        helper::redirect("install", &prepared.netns, &prepared.redirect)
+        run_redirect(Op::Install, &prepared.netns, &prepared.redirect)
             .await
             .map_err(|e| {
                 let _ = std::fs::remove_dir_all(&prepared.paths.dir);
@@ -471,11 +470,35 @@ fn plan(p: &Prepared, pause_pid: i32) -> std::result::Result<ProxyPlan, String> 
     })
 }
 
+#[derive(Clone, Copy)]
+enum Op {
+    Install,
+    Remove,
+}
+
+/// Installs or removes the redirection in `netns`, in this process over
+/// netlink (nothing spawned, so nothing races the subreaper); on the
+/// blocking pool because the kernel may load nftables modules meanwhile.
+async fn run_redirect(
+    op: Op,
+    netns: &Path,
+    cfg: &RedirectConfig,
+) -> std::result::Result<(), String> {
+    let (netns, cfg) = (netns.to_path_buf(), cfg.clone());
+    tokio::task::spawn_blocking(move || match op {
+        Op::Install => sidetunnel_redirect::install(&netns, &cfg),
+        Op::Remove => sidetunnel_redirect::remove(&netns, &cfg),
+    })
+    .await
+    .map_err(|e| format!("redirection task: {e}"))?
+    .map_err(|e| e.to_string())
+}
+
 /// Removes the ruleset (when the netns still exists) and the state directory.
 pub async fn cleanup(paths: &Paths, netns: Option<&Path>, redirect: Option<&RedirectConfig>) {
     if let (Some(netns), Some(cfg)) = (netns, redirect)
         && netns.exists()
-        && let Err(e) = helper::redirect("remove", netns, cfg).await
+        && let Err(e) = run_redirect(Op::Remove, netns, cfg).await
     {
         warn!(netns = %netns.display(), "removing redirection: {e}");
     }
