@@ -777,6 +777,64 @@ fn netlink_install_lists_exactly_like_the_nft_script() {
     }
 }
 
+/// Fail closed with a clear error: when the kernel refuses the batch (here
+/// another process owns a `sidetunnel` table: nft's `flags owner`), install
+/// fails naming the step, the netns and the kernel's reason, and changes
+/// nothing; once the owner is gone, install succeeds.
+#[test]
+fn refused_batch_fails_naming_the_step_and_leaves_nothing_half_done() {
+    if !(prereq::root("refused") && prereq::binary("refused", "nft")) {
+        return;
+    }
+    let ns = NetNs::new("rdr");
+    let path = ns.path();
+    // nft -i keeps its socket, hence the table it owns, while stdin is open.
+    let mut owner = ns
+        .command("nft")
+        .arg("-i")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn nft -i");
+    let mut stdin = owner.stdin.take().unwrap();
+    stdin
+        .write_all(b"add table inet sidetunnel { flags owner; }\n")
+        .unwrap();
+    stdin.flush().unwrap();
+    let owned = (0..200).any(|_| {
+        let tables = ns.exec_ok(&["nft", "list", "tables"]);
+        tables.contains("inet sidetunnel") || {
+            std::thread::sleep(Duration::from_millis(25));
+            false
+        }
+    });
+    assert!(owned, "nft -i never created its owned table");
+
+    let err = install(Path::new(&path), &RedirectConfig::default())
+        .expect_err("install into a table another process owns must fail")
+        .to_string();
+    for part in [
+        "installing the nftables ruleset",
+        "add table inet sidetunnel",
+        path.as_str(),
+        "Operation not permitted",
+    ] {
+        assert!(err.contains(part), "error lacks {part:?}: {err}");
+    }
+    let listed = ns.exec_ok(&["nft", "list", "table", "inet", "sidetunnel"]);
+    assert!(
+        !listed.contains("chain"),
+        "a refused batch left chains behind: {listed}"
+    );
+
+    drop(stdin);
+    let _ = owner.kill();
+    let _ = owner.wait();
+    install(Path::new(&path), &RedirectConfig::default()).expect("install once the owner is gone");
+    assert!(show(Path::new(&path)).unwrap().contains("chain output-nat"));
+}
+
 fn listing_configs() -> Vec<(&'static str, RedirectConfig)> {
     let nets = |list: &[&str]| list.iter().map(|n| n.parse().unwrap()).collect();
     let ann = |pairs: &[(&str, &str)]| {
