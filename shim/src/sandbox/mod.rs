@@ -229,6 +229,12 @@ impl Sandboxes {
         let Some(pod) = self.pods.lock().await.get(&sandbox).cloned() else {
             return Ok(());
         };
+        // When the app asked to start: `ready` minus this is how long the
+        // proxy held the app back (zero when it was ready first).
+        pod.timeline
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .mark("app_start");
         let deadline = tokio::time::Instant::now() + pod.ready_timeout;
         let mut last_probe = String::from("not probed yet");
         // Probes start close together: the proxy is usually ready within
