@@ -71,9 +71,11 @@ pub struct Sandboxes {
 }
 
 /// Readiness polling of an app container's start: first interval, doubling
-/// up to the last.
+/// up to the last. The cap bounds how late the gate opens after the proxy
+/// became ready (a pod burst on a small node keeps proxies unready for tens
+/// of milliseconds); a probe is one loopback connect from a short thread.
 const READY_POLL_FIRST: Duration = Duration::from_millis(2);
-const READY_POLL_MAX: Duration = Duration::from_millis(100);
+const READY_POLL_MAX: Duration = Duration::from_millis(10);
 
 fn pod_name(p: &PodInfo) -> String {
     format!("{}/{}", p.namespace, p.name)
@@ -241,7 +243,10 @@ impl Sandboxes {
         // tens of milliseconds of the sandbox, and every millisecond here
         // is added to the pod's start.
         let mut poll = READY_POLL_FIRST;
+        let mut states = pod.proxy.state.clone();
         loop {
+            // Seen: a change from here on ends the wait below.
+            states.borrow_and_update();
             let state = pod.proxy.current();
             match state {
                 ProxyState::Running { .. } => {
@@ -275,7 +280,13 @@ impl Sandboxes {
                     rec.restarts
                 )));
             }
-            tokio::time::sleep(poll).await;
+            // A state change (started, restarted, stopped) is acted on at
+            // once; a running proxy that is not ready yet is probed again
+            // after `poll`.
+            if let Ok(Err(_)) = tokio::time::timeout(poll, states.changed()).await {
+                // The supervisor is gone: plain polling until the deadline.
+                tokio::time::sleep(poll).await;
+            }
             poll = (poll * 2).min(READY_POLL_MAX);
         }
     }
