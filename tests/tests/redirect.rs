@@ -933,6 +933,19 @@ fn listing_configs() -> Vec<(&'static str, RedirectConfig)> {
             },
         ),
         (
+            // Several NEWSETELEM messages per set, a batch past the default
+            // socket send buffer.
+            "thousands of ranges",
+            RedirectConfig {
+                exclude_outbound_ip_ranges: (0..3000u32)
+                    .map(|i| format!("10.{}.{}.{}/32", i >> 14, (i >> 6) & 0xff, (i & 0x3f) * 4))
+                    .chain((0..1500u32).map(|i| format!("fd00:{i:x}::/64")))
+                    .map(|n| n.parse().unwrap())
+                    .collect(),
+                ..d()
+            },
+        ),
+        (
             "exclude everything (annotation *)",
             ann(&[("traffic.sidecar.istio.io/excludeOutboundIPRanges", "*")]),
         ),

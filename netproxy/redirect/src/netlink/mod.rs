@@ -28,6 +28,8 @@ const NLMSGERR_ATTR_MSG: u16 = 1;
 /// A kernel that never answers must not hang sandbox creation.
 const RECV_TIMEOUT: Duration = Duration::from_secs(10);
 const RECV_BUF: usize = 64 * 1024;
+/// Requests up to this size fit any default socket send buffer.
+const DEFAULT_SNDBUF: usize = 64 * 1024;
 /// The socket-opening thread makes three syscalls.
 const THREAD_STACK: usize = 64 * 1024;
 
@@ -201,6 +203,11 @@ impl Socket {
     /// nothing more is queued: a batch the kernel refused as a whole
     /// answers only its first message.
     pub fn transact(&self, what: &str, req: &Builder, expect: &[u32]) -> Result<Vec<Ack>, Error> {
+        if req.oversized() {
+            return Err(Error::Config(format!(
+                "{what}: a netlink attribute would exceed 64 KiB (too many values in one rule)"
+            )));
+        }
         self.send(what, req.bytes())?;
         let mut acks: Vec<Ack> = Vec::new();
         let mut buf = vec![0u8; RECV_BUF];
@@ -248,6 +255,16 @@ impl Socket {
     }
 
     fn send(&self, what: &str, bytes: &[u8]) -> Result<(), Error> {
+        if bytes.len() > DEFAULT_SNDBUF {
+            // One batch is one datagram, refused past the send buffer;
+            // nft raises it the same way for large rulesets (root may
+            // exceed net.core.wmem_max with SO_SNDBUFFORCE).
+            let fd = &self.fd;
+            let size = libc::c_int::try_from(bytes.len()).unwrap_or(libc::c_int::MAX);
+            setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, size)
+                .or_else(|_| setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_SNDBUF, size))
+                .map_err(|e| self.io_err(what, e))?;
+        }
         // SAFETY: valid fd and buffer; the kernel is the default peer.
         let n = unsafe { libc::send(self.fd.as_raw_fd(), bytes.as_ptr().cast(), bytes.len(), 0) };
         if n < 0 {

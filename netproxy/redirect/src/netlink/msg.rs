@@ -35,6 +35,8 @@ pub(crate) struct Builder {
     buf: Vec<u8>,
     /// Start of the message being built.
     msg: usize,
+    /// An attribute outgrew its 16-bit length: the buffer must not be sent.
+    oversized: bool,
     /// Starts of the open nested attributes.
     nests: Vec<usize>,
 }
@@ -61,7 +63,7 @@ impl Builder {
     }
 
     pub fn put(&mut self, ty: u16, data: &[u8]) {
-        let len = (NLA_HDRLEN + data.len()) as u16;
+        let len = self.attr_len(NLA_HDRLEN + data.len());
         self.buf.extend_from_slice(&len.to_ne_bytes());
         self.buf.extend_from_slice(&ty.to_ne_bytes());
         self.buf.extend_from_slice(data);
@@ -93,8 +95,21 @@ impl Builder {
             .extend_from_slice(&(ty | NLA_F_NESTED).to_ne_bytes());
         f(self);
         self.nests.pop();
-        let len = (self.buf.len() - start) as u16;
+        let len = self.attr_len(self.buf.len() - start);
         self.buf[start..start + 2].copy_from_slice(&len.to_ne_bytes());
+    }
+
+    fn attr_len(&mut self, len: usize) -> u16 {
+        u16::try_from(len).unwrap_or_else(|_| {
+            self.oversized = true;
+            u16::MAX
+        })
+    }
+
+    /// True when some attribute was too long for netlink (the caller
+    /// reports it instead of sending a corrupt message).
+    pub fn oversized(&self) -> bool {
+        self.oversized
     }
 
     fn pad(&mut self) {
@@ -182,6 +197,20 @@ mod tests {
         assert_eq!(top[1].0, 4);
         let inner: Vec<(u16, &[u8])> = attrs(top[1].1).collect();
         assert_eq!(inner, [(2, &[1, 2, 3, 4][..]), (3, &[9][..])]);
+    }
+
+    #[test]
+    fn an_attribute_past_64_kib_is_flagged_not_wrapped() {
+        let mut b = Builder::default();
+        b.begin(1, NLM_F_REQUEST, 1, &[]);
+        b.nest(1, |b| b.put(2, &vec![0u8; 70_000]));
+        b.end();
+        assert!(b.oversized());
+        let mut ok = Builder::default();
+        ok.begin(1, NLM_F_REQUEST, 1, &[]);
+        ok.put(2, &vec![0u8; 60_000]);
+        ok.end();
+        assert!(!ok.oversized());
     }
 
     #[test]

@@ -63,12 +63,14 @@ pub(crate) fn install(sock: &mut Socket, cfg: &RedirectConfig) -> Result<(), Err
                     format!("add set for `{rule}`"),
                     |b| set.encode_set(b, TABLE),
                 );
-                batch.add(
-                    Cmd::NewSetElem,
-                    NLM_F_CREATE,
-                    format!("add set elements for `{rule}`"),
-                    |b| set.encode_elements(b, TABLE),
-                );
+                for chunk in 0..set.element_chunks() {
+                    batch.add(
+                        Cmd::NewSetElem,
+                        NLM_F_CREATE,
+                        format!("add set elements for `{rule}`"),
+                        |b| set.encode_elements(b, TABLE, chunk),
+                    );
+                }
             }
             batch.add(
                 Cmd::NewRule,

@@ -48,6 +48,10 @@ const ELEM_F_INTERVAL_OPEN: u32 = 0x1;
 const BYTEORDER_HOST: u32 = 1;
 const BYTEORDER_BIG_ENDIAN: u32 = 2;
 
+/// Elements per NFT_MSG_NEWSETELEM: the element list is one netlink
+/// attribute, at most 64 KiB; an IPv6 interval element takes 48 bytes.
+const ELEMENTS_PER_MESSAGE: usize = 1024;
+
 struct Element {
     key: Vec<u8>,
     /// First key past a range.
@@ -164,13 +168,23 @@ impl AnonSet {
         b.put(NFTA_SET_USERDATA, &udata);
     }
 
-    /// NFT_MSG_NEWSETELEM attributes.
-    pub fn encode_elements(&self, b: &mut Builder, table: &str) {
+    /// How many NFT_MSG_NEWSETELEM messages the elements take.
+    pub fn element_chunks(&self) -> usize {
+        self.elements.len().div_ceil(ELEMENTS_PER_MESSAGE)
+    }
+
+    /// NFT_MSG_NEWSETELEM attributes for chunk `chunk` of the elements.
+    pub fn encode_elements(&self, b: &mut Builder, table: &str, chunk: usize) {
         b.put_str(NFTA_SET_ELEM_LIST_TABLE, table);
         b.put_str(NFTA_SET_ELEM_LIST_SET, ANON_SET_NAME);
         b.put_be32(NFTA_SET_ELEM_LIST_SET_ID, self.id);
+        let elements = self
+            .elements
+            .chunks(ELEMENTS_PER_MESSAGE)
+            .nth(chunk)
+            .unwrap_or_default();
         b.nest(NFTA_SET_ELEM_LIST_ELEMENTS, |b| {
-            for e in &self.elements {
+            for e in elements {
                 b.nest(NFTA_LIST_ELEM, |b| {
                     if e.end {
                         b.put_be32(NFTA_SET_ELEM_FLAGS, NFT_SET_ELEM_INTERVAL_END);
