@@ -128,6 +128,11 @@ impl Inherited {
         Ok(Some(l))
     }
 
+    /// Whether nothing was inherited (a first start).
+    pub fn is_empty(&self) -> bool {
+        self.fds.is_empty()
+    }
+
     /// Names inherited but not taken (settings that no longer use them).
     pub fn leftover(&self) -> Vec<&'static str> {
         self.fds.keys().map(|n| n.as_str()).collect()

@@ -13,6 +13,7 @@ use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::FutureExt as _;
 use serde_json::json;
 use sidetunnel_contract::handover::ListenerName;
 use tokio::signal::unix::{SignalKind, signal};
@@ -58,6 +59,7 @@ pub async fn run(cfg: Config, logs: LogControl) -> Result<(), StartError> {
     let mut inherited = Inherited::from_env()?;
     let channel = Channel::from_env()?;
     let shim_holds_listeners = channel.is_some();
+    let took_over = !inherited.is_empty();
     let listeners = Listeners::bind(&cfg, &mut inherited)?;
     let metrics_listener = take_or_bind(
         &mut inherited,
@@ -153,22 +155,44 @@ pub async fn run(cfg: Config, logs: LogControl) -> Result<(), StartError> {
         metrics.clone(),
         local_ips,
     );
-    let data_path = tokio::spawn(super::run(pi.clone(), listeners, acceptor, drain.clone()));
+    // Inherited listeners are (or were) served by an earlier proxy of this
+    // pod: the old one keeps accepting until this one is ready, and a
+    // connection this one accepted before it had a certificate and its
+    // first config would fail. So with inherited listeners nothing is
+    // accepted until ready; connections meanwhile wait in the kernel's
+    // accept queue (or go to the old proxy).
+    let gate = {
+        let (certs, xds, drain) = (certs.clone(), xds.clone(), drain.clone());
+        async move {
+            if took_over {
+                tokio::select! {
+                    _ = async {
+                        certs.wait_ready().await;
+                        xds.wait_synced(READY_LOG_BOUND).await;
+                    } => {}
+                    _ = drain.accepting_stopped() => {}
+                }
+            }
+        }
+    };
+    let gate = gate.boxed().shared();
+    let data_path = {
+        let (pi, drain, gate) = (pi.clone(), drain.clone(), gate.clone());
+        tokio::spawn(async move {
+            gate.await;
+            super::run(pi, listeners, acceptor, drain).await
+        })
+    };
     tokio::spawn(log_ready(started, certs.clone(), xds.clone(), channel));
     tokio::spawn(super::limits::release_memory_after_bursts(
         pi.connections.clone(),
         stop.clone(),
     ));
-    tokio::spawn(admin::serve_metrics(
-        metrics_listener,
-        metrics.clone(),
-        stop.clone(),
-    ));
-    tokio::spawn(admin::serve_readiness(
-        readiness_listener,
-        readiness.clone(),
-        stop.clone(),
-    ));
+    let serve_metrics = admin::serve_metrics(metrics_listener, metrics.clone(), stop.clone());
+    tokio::spawn(gate.clone().then(move |()| serve_metrics));
+    let serve_readiness =
+        admin::serve_readiness(readiness_listener, readiness.clone(), stop.clone());
+    tokio::spawn(gate.then(move |()| serve_readiness));
     if let Some(l) = admin_listener {
         let dump = config_dump(cfg.clone(), store, certs, xds, pi);
         tokio::spawn(admin::serve_admin(l, dump, logs, stop.clone()));
