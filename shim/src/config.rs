@@ -522,6 +522,26 @@ binary = "/bin/sh"
     }
 
     #[test]
+    fn upgrade_settings_default_and_are_checked() {
+        let f = Fixture::new();
+        let c = f.load(MINIMAL).unwrap();
+        assert!(c.upgrade.enabled);
+        assert_eq!(c.upgrade.check_interval, Duration::from_secs(10));
+        assert_eq!(c.upgrade.max_concurrent, 2);
+        let c = f
+            .load(&format!(
+                "{MINIMAL}[upgrade]\ncheck_interval = \"500ms\"\nenabled = false\n"
+            ))
+            .unwrap();
+        assert_eq!(c.upgrade.check_interval, Duration::from_millis(500));
+        assert!(!c.upgrade.enabled);
+        let err = f
+            .load(&format!("{MINIMAL}[upgrade]\nmax_concurrent = 0\n"))
+            .unwrap_err();
+        assert!(err.to_string().contains("upgrade.max_concurrent"), "{err}");
+    }
+
+    #[test]
     fn unknown_key_is_named() {
         let err = Fixture::new()
             .load(&format!("{MINIMAL}readiness_timeot = \"5s\"\n"))

@@ -6,7 +6,7 @@
 //! process attributes and metrics, and what a removed pod may not leave.
 #![allow(dead_code)]
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
+use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -446,21 +446,6 @@ pub async fn metrics_via(cri: &mut Cri, container: &str) -> Result<Vec<metrics::
         out.stderr.trim()
     );
     Ok(metrics::parse(&out.stdout))
-}
-
-/// Listens on `port` inside `netns` (0.0.0.0), from a thread that entered
-/// it: the socket stays in that netns. Used to hold a proxy port so a
-/// restarted proxy cannot start.
-pub fn listen_in_netns(netns: &Path, port: u16) -> Result<TcpListener> {
-    let netns = netns.to_owned();
-    std::thread::spawn(move || -> Result<TcpListener> {
-        let ns = std::fs::File::open(&netns)?;
-        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)?;
-        TcpListener::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)))
-            .with_context(|| format!("binding port {port} in {}", netns.display()))
-    })
-    .join()
-    .map_err(|_| anyhow::anyhow!("netns thread panicked"))?
 }
 
 /// App port of the counting server.
