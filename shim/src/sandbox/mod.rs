@@ -6,14 +6,17 @@
 //! `sidetunnel.io/inject: "false"` are left exactly as runc would run them.
 
 mod backoff;
+mod channel;
 pub mod crilog;
 pub mod launch;
 mod prefetch;
 mod ready;
 pub mod record;
+mod spawn;
 mod supervisor;
 mod timeline;
 mod token;
+mod upgrade;
 
 use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
@@ -484,6 +487,7 @@ fn plan(p: &Prepared, pause_pid: i32) -> std::result::Result<ProxyPlan, String> 
         backoff: Backoff::new(px.restart_backoff_initial, px.restart_backoff_max),
         token,
         record: rec,
+        upgrade: node.upgrade.clone(),
     })
 }
 
