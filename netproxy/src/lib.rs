@@ -2,7 +2,8 @@
 //! first; each imports only modules above it in this list, see
 //! ARCHITECTURE.md):
 //! `config` (flags/env/file), `state` (indexed xDS store), `socket` (marked
-//! sockets, TPROXY, original destination), `crypto` (the rustls provider),
+//! sockets, TPROXY, original destination), `crypto` (the rustls provider), `handover` (listeners
+//! inherited from and given to the shim),
 //! `identity` (SPIFFE identity, the current certificate), `tls` (rustls
 //! configs for HBONE and the control plane), `cert_source` (certificates
 //! from the Istio CA or files), `xds` (delta ADS client), `hbone` (HTTP/2
@@ -16,6 +17,7 @@ pub mod cert_source;
 pub mod config;
 pub mod crypto;
 pub mod dns;
+pub mod handover;
 pub mod hbone;
 pub mod identity;
 pub mod metrics;

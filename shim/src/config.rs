@@ -40,6 +40,8 @@ pub struct NodeConfig {
     pub proxy: ProxyConfig,
     #[serde(default)]
     pub token: TokenConfig,
+    #[serde(default)]
+    pub upgrade: UpgradeConfig,
     /// Node-wide redirection settings; pod annotations refine them.
     #[serde(default)]
     pub redirect: RedirectConfig,
@@ -124,6 +126,49 @@ pub struct ProxyConfig {
     /// RLIMIT_NOFILE of the proxy.
     #[serde(default = "default_nofile")]
     pub max_open_files: u64,
+}
+
+/// Live replacement of running proxies by a new `proxy.binary` (see
+/// docs/operations.md, "Upgrading the proxy").
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpgradeConfig {
+    /// Hand running pods over to a new proxy binary when the file at
+    /// `proxy.binary` changes. Off: a new binary reaches a pod only when
+    /// its proxy restarts.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// How often each shim looks at `proxy.binary`.
+    #[serde(default = "default_upgrade_check", deserialize_with = "duration")]
+    pub check_interval: Duration,
+    /// Pods of this node that may be mid-upgrade at once.
+    #[serde(default = "default_upgrade_concurrency")]
+    pub max_concurrent: u32,
+    /// How long a new proxy has to become ready before the upgrade is
+    /// abandoned (the old proxy keeps serving).
+    #[serde(default = "default_upgrade_ready", deserialize_with = "duration")]
+    pub ready_timeout: Duration,
+}
+
+impl Default for UpgradeConfig {
+    fn default() -> Self {
+        UpgradeConfig {
+            enabled: true,
+            check_interval: default_upgrade_check(),
+            max_concurrent: default_upgrade_concurrency(),
+            ready_timeout: default_upgrade_ready(),
+        }
+    }
+}
+
+fn default_upgrade_check() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_upgrade_concurrency() -> u32 {
+    2
+}
+fn default_upgrade_ready() -> Duration {
+    Duration::from_secs(60)
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -406,6 +451,19 @@ impl NodeConfig {
         if t.refresh_interval.is_zero() {
             return Err(invalid("token.refresh_interval", "must be positive".into()));
         }
+        let u = &self.upgrade;
+        if u.check_interval.is_zero() {
+            return Err(invalid("upgrade.check_interval", "must be positive".into()));
+        }
+        if u.max_concurrent == 0 {
+            return Err(invalid(
+                "upgrade.max_concurrent",
+                "must be at least 1 (set upgrade.enabled = false to turn upgrades off)".into(),
+            ));
+        }
+        if u.ready_timeout.is_zero() {
+            return Err(invalid("upgrade.ready_timeout", "must be positive".into()));
+        }
         self.redirect
             .validate()
             .map_err(|e| invalid("redirect", e.to_string()))?;
@@ -461,6 +519,26 @@ binary = "/bin/sh"
         assert_eq!(c.proxy.readiness_timeout, Duration::from_secs(30));
         assert_eq!(c.proxy.args, vec!["run".to_string()]);
         assert_eq!(c.redirect, RedirectConfig::default());
+    }
+
+    #[test]
+    fn upgrade_settings_default_and_are_checked() {
+        let f = Fixture::new();
+        let c = f.load(MINIMAL).unwrap();
+        assert!(c.upgrade.enabled);
+        assert_eq!(c.upgrade.check_interval, Duration::from_secs(10));
+        assert_eq!(c.upgrade.max_concurrent, 2);
+        let c = f
+            .load(&format!(
+                "{MINIMAL}[upgrade]\ncheck_interval = \"500ms\"\nenabled = false\n"
+            ))
+            .unwrap();
+        assert_eq!(c.upgrade.check_interval, Duration::from_millis(500));
+        assert!(!c.upgrade.enabled);
+        let err = f
+            .load(&format!("{MINIMAL}[upgrade]\nmax_concurrent = 0\n"))
+            .unwrap_err();
+        assert!(err.to_string().contains("upgrade.max_concurrent"), "{err}");
     }
 
     #[test]

@@ -2,9 +2,8 @@
 //! `io.containerd.sidetunnel.v1`. Runs containers like runc's shim does and
 //! gives every pod its own sidetunnel proxy (see README.md).
 //!
-//! The binary also serves as its own helper: `__launch-proxy` (the proxy's
-//! launcher) and `__redirect` (redirection install/remove) are dispatched
-//! before any runtime or thread exists.
+//! The binary also serves as the proxy's launcher (`__launch-proxy`),
+//! dispatched before any runtime or thread exists.
 
 mod bootstrap;
 mod cgroup;
@@ -58,7 +57,6 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     match args.get(1).map(String::as_str) {
         Some(sandbox::launch::ARG) => sandbox::launch::main(),
-        Some(sandbox::helper::ARG) => sandbox::helper::main(&args[2..]),
         Some(sandbox::launch::CHECK_ARG) => sandbox::launch::check_main(&args[2..]),
         Some("-h" | "-help" | "--help") => {
             print!("{}", usage(&args[0]));

@@ -16,7 +16,7 @@ use nix::sys::socket::{
     AddressFamily, Backlog, SockFlag, SockType, SockaddrStorage, bind, connect, getsockopt, listen,
     setsockopt, socket, sockopt,
 };
-use sidetunnel_redirect::{RedirectConfig, install, remove, show};
+use sidetunnel_redirect::{PortSelection, RedirectConfig, install, install_script, remove, show};
 use sidetunnel_tests::netns::{NetNs, veth_pair};
 use sidetunnel_tests::prereq;
 
@@ -720,6 +720,253 @@ fn ipv6_disabled_pod_installs_and_captures_ipv4() {
     let peer_app = listen_in(&peer, sa(PEER4, 8080), false);
     let _c = assert_captured_outbound(&pod, sa(PEER4, 8080), &proxy, &peer_app, b"v4");
     remove(Path::new(&ns), &RedirectConfig::default()).expect("remove without IPv6");
+}
+
+/// The shim installs over netlink; `nft -f` of the text script is the
+/// reference. For each config, `nft list table` after the netlink install
+/// must equal the listing after `nft -f` in another fresh netns: same
+/// expressions, sets and elements as nft itself compiles them.
+#[test]
+fn netlink_install_lists_exactly_like_the_nft_script() {
+    if !(prereq::root("listing") && prereq::binary("listing", "nft")) {
+        return;
+    }
+    for (name, cfg) in listing_configs() {
+        let via_netlink = NetNs::new("rdl");
+        install(Path::new(&via_netlink.path()), &cfg)
+            .unwrap_or_else(|e| panic!("{name}: netlink install: {e}"));
+        let via_nft = NetNs::new("rdn");
+        let mut child = via_nft
+            .command("nft")
+            .args(["-f", "-"])
+            .stdin(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn nft");
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(install_script(&cfg).as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{name}: nft -f refused the script: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            install_script(&cfg)
+        );
+        let list = |ns: &NetNs| ns.exec_ok(&["nft", "list", "table", "inet", "sidetunnel"]);
+        let (got, want) = (list(&via_netlink), list(&via_nft));
+        assert_eq!(
+            got,
+            want,
+            "{name}: netlink install lists differently from nft -f of\n{}",
+            install_script(&cfg)
+        );
+        let routing = show(Path::new(&via_netlink.path()))
+            .unwrap()
+            .replace('\t', " ");
+        let rule = format!(
+            "{}: from all fwmark {:#x}/{:#x} lookup {}",
+            cfg.rule_priority, cfg.tproxy_mark, cfg.mark_mask, cfg.route_table
+        );
+        let route = format!("local default dev lo table {}", cfg.route_table);
+        assert_eq!(routing.matches(&rule).count(), 2, "{name}: {routing}");
+        assert_eq!(routing.matches(&route).count(), 2, "{name}: {routing}");
+    }
+}
+
+/// Fail closed with a clear error: when the kernel refuses the batch (here
+/// another process owns a `sidetunnel` table: nft's `flags owner`), install
+/// fails naming the step, the netns and the kernel's reason, and changes
+/// nothing; once the owner is gone, install succeeds.
+#[test]
+fn refused_batch_fails_naming_the_step_and_leaves_nothing_half_done() {
+    if !(prereq::root("refused") && prereq::binary("refused", "nft")) {
+        return;
+    }
+    let ns = NetNs::new("rdr");
+    let path = ns.path();
+    // nft -i keeps its socket, hence the table it owns, while stdin is open.
+    let mut owner = ns
+        .command("nft")
+        .arg("-i")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn nft -i");
+    let mut stdin = owner.stdin.take().unwrap();
+    stdin
+        .write_all(b"add table inet sidetunnel { flags owner; }\n")
+        .unwrap();
+    stdin.flush().unwrap();
+    let owned = (0..200).any(|_| {
+        let tables = ns.exec_ok(&["nft", "list", "tables"]);
+        tables.contains("inet sidetunnel") || {
+            std::thread::sleep(Duration::from_millis(25));
+            false
+        }
+    });
+    assert!(owned, "nft -i never created its owned table");
+
+    let err = install(Path::new(&path), &RedirectConfig::default())
+        .expect_err("install into a table another process owns must fail")
+        .to_string();
+    for part in [
+        "installing the nftables ruleset",
+        "add table inet sidetunnel",
+        path.as_str(),
+        "Operation not permitted",
+    ] {
+        assert!(err.contains(part), "error lacks {part:?}: {err}");
+    }
+    let listed = ns.exec_ok(&["nft", "list", "table", "inet", "sidetunnel"]);
+    assert!(
+        !listed.contains("chain"),
+        "a refused batch left chains behind: {listed}"
+    );
+
+    drop(stdin);
+    let _ = owner.kill();
+    let _ = owner.wait();
+    install(Path::new(&path), &RedirectConfig::default()).expect("install once the owner is gone");
+    assert!(show(Path::new(&path)).unwrap().contains("chain output-nat"));
+}
+
+fn listing_configs() -> Vec<(&'static str, RedirectConfig)> {
+    let nets = |list: &[&str]| list.iter().map(|n| n.parse().unwrap()).collect();
+    let ann = |pairs: &[(&str, &str)]| {
+        let map: BTreeMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        RedirectConfig::from_annotations(&map).unwrap()
+    };
+    let d = RedirectConfig::default;
+    vec![
+        ("default", d()),
+        (
+            "everything on",
+            RedirectConfig {
+                dns_capture: true,
+                exclude_outbound_ports: [9090].into(),
+                exclude_outbound_ip_ranges: nets(&["10.0.0.0/8", "10.1.0.0/16", "fd00::/8"]),
+                exclude_inbound_ports: [8081].into(),
+                include_inbound_ports: PortSelection::Only([80, 8080].into()),
+                probe_source_addrs: vec!["10.0.0.1".parse().unwrap(), "fd00::1".parse().unwrap()],
+                probe_ports: [8080].into(),
+                ..d()
+            },
+        ),
+        (
+            "no inbound capture",
+            RedirectConfig {
+                include_inbound_ports: PortSelection::Only(Default::default()),
+                ..d()
+            },
+        ),
+        (
+            "one included port, several excluded",
+            RedirectConfig {
+                include_inbound_ports: PortSelection::Only([80].into()),
+                exclude_inbound_ports: [1, 8081, 65535].into(),
+                exclude_outbound_ports: [22, 5432, 9090].into(),
+                ..d()
+            },
+        ),
+        (
+            "adjacent, odd and edge ranges",
+            RedirectConfig {
+                exclude_outbound_ip_ranges: nets(&[
+                    "10.0.0.1/32",
+                    "10.0.0.2/32",
+                    "10.16.0.0/12",
+                    "172.16.0.0/31",
+                    "255.255.255.0/24",
+                    "0.0.0.0/8",
+                    "fd00::1/128",
+                    "fd00::2/127",
+                    "fe80::/10",
+                    "ffff::/16",
+                ]),
+                ..d()
+            },
+        ),
+        (
+            "single odd v4 prefix",
+            RedirectConfig {
+                exclude_outbound_ip_ranges: nets(&["10.16.0.0/12", "fd00::/9"]),
+                ..d()
+            },
+        ),
+        (
+            "several probe sources, all ports",
+            RedirectConfig {
+                probe_source_addrs: vec![
+                    "10.0.0.1".parse().unwrap(),
+                    "10.0.0.9".parse().unwrap(),
+                    "fd00::1".parse().unwrap(),
+                    "fd00::9".parse().unwrap(),
+                    "10.0.0.1".parse().unwrap(),
+                ],
+                ..d()
+            },
+        ),
+        (
+            "other ports, marks, table",
+            RedirectConfig {
+                outbound_port: 16001,
+                inbound_plaintext_port: 16006,
+                hbone_port: 16008,
+                metrics_port: 16020,
+                readiness_port: 16021,
+                dns_port: 16053,
+                dns_capture: true,
+                proxy_mark: 0x1000,
+                mark_mask: 0xf000,
+                tproxy_mark: 0x2000,
+                route_table: 300,
+                rule_priority: 1000,
+                ..d()
+            },
+        ),
+        (
+            // Several NEWSETELEM messages per set, a batch past the default
+            // socket send buffer.
+            "thousands of ranges",
+            RedirectConfig {
+                exclude_outbound_ip_ranges: (0..3000u32)
+                    .map(|i| format!("10.{}.{}.{}/32", i >> 14, (i >> 6) & 0xff, (i & 0x3f) * 4))
+                    .chain((0..1500u32).map(|i| format!("fd00:{i:x}::/64")))
+                    .map(|n| n.parse().unwrap())
+                    .collect(),
+                ..d()
+            },
+        ),
+        (
+            "exclude everything (annotation *)",
+            ann(&[("traffic.sidecar.istio.io/excludeOutboundIPRanges", "*")]),
+        ),
+        (
+            "istio annotations",
+            ann(&[
+                (
+                    "traffic.sidecar.istio.io/excludeOutboundPorts",
+                    "9090,15000",
+                ),
+                (
+                    "traffic.sidecar.istio.io/excludeOutboundIPRanges",
+                    "10.96.0.0/12,192.168.1.7,fd77::1/128",
+                ),
+                ("traffic.sidecar.istio.io/excludeInboundPorts", "8081"),
+                ("traffic.sidecar.istio.io/includeInboundPorts", "8080,9080"),
+                ("ambient.istio.io/dns-capture", "true"),
+                ("sidetunnel.io/probe-ports", "8080"),
+            ]),
+        ),
+    ]
 }
 
 /// Measurement, not a check: `cargo test -p sidetunnel-tests --test redirect

@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use shim_support::{
-    APP_PORT, Cluster, MeshPod, Pair, READINESS_PORT, WAIT, check_proxy_process, counting_server,
-    listen_in_netns, metrics_via, mtls_opened, netns_of, request, server_counts,
+    APP_PORT, Cluster, MeshPod, Pair, WAIT, check_proxy_process, counting_server, metrics_via,
+    mtls_opened, netns_of, request, server_counts,
 };
 use sidetunnel_tests::containerd::{RUNC, SIDETUNNEL};
 use sidetunnel_tests::cri::{ContainerSpec, Cri, median};
@@ -241,10 +241,12 @@ async fn apps_cannot_reach_proxy_state(c: &Cluster, cri: &mut Cri, p: &Pair) -> 
     Ok(())
 }
 
-/// The client's proxy is killed and kept from coming back (its readiness
-/// port is held, so every restart fails at start-up): the app's new
-/// connections are refused and the server receives nothing. Once the port
-/// is free the shim's next restart succeeds and traffic resumes over mTLS.
+/// The client's proxy is killed and kept from coming back (the node's
+/// proxy binary is replaced by one that exits at once): the shim, which
+/// held the killed proxy's listeners for its restart, releases them when
+/// the restart fails, so the app's new connections are refused and the
+/// server receives nothing. With the real binary back, the shim's next
+/// restart succeeds and traffic resumes over mTLS.
 async fn killed_proxy_fails_closed(c: &Cluster, cri: &mut Cri, p: &Pair) -> Result<()> {
     let netns = netns_of(&c.h, &p.client.pod)?;
     let pid = c.proxy_pid(p.client.id(), None, WAIT).await?;
@@ -253,16 +255,10 @@ async fn killed_proxy_fails_closed(c: &Cluster, cri: &mut Cri, p: &Pair) -> Resu
         .unwrap_or_default();
     let before = server_counts(cri, &p.server_app.id).await?;
 
+    let broken = c.h.dir().join("broken-proxy");
+    std::fs::write(&broken, "#!/bin/sh\necho broken proxy >&2\nexit 1\n")?;
+    c.install_proxy(&broken)?;
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL)?;
-    // The port can be taken once the killed proxy's sockets are gone.
-    let deadline = Instant::now() + WAIT;
-    let hold = loop {
-        match listen_in_netns(&netns, READINESS_PORT) {
-            Ok(l) => break l,
-            Err(e) if Instant::now() > deadline => return Err(e),
-            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
-        }
-    };
     // Some start attempt after the kill has failed: the proxy is down.
     let deadline = Instant::now() + WAIT;
     loop {
@@ -276,7 +272,7 @@ async fn killed_proxy_fails_closed(c: &Cluster, cri: &mut Cri, p: &Pair) -> Resu
         }
         ensure!(
             Instant::now() < deadline,
-            "no failed proxy start recorded while its port is held: {rec}"
+            "no failed proxy start recorded with a broken binary: {rec}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -299,13 +295,13 @@ async fn killed_proxy_fails_closed(c: &Cluster, cri: &mut Cri, p: &Pair) -> Resu
          {before:?} → {during:?}"
     );
 
-    drop(hold);
+    c.install_proxy(&sidetunnel_tests::bins::path("sidetunnel-proxy"))?;
     let t = Instant::now();
     let new_pid = c.proxy_pid(p.client.id(), Some(pid), WAIT).await?;
     c.wait_ready(&p.client, WAIT).await?;
     check_proxy_process(new_pid, &netns, &p.client.pod)?;
     eprintln!(
-        "client proxy back {:?} after its port was freed",
+        "client proxy back {:?} after its binary was restored",
         t.elapsed()
     );
     request(cri, &p.client_app.id, p.target(), "resumed")

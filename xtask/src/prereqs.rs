@@ -190,7 +190,11 @@ fn install_packages(packages: &[&str], rerun: &str) -> Result<()> {
 }
 
 fn apt(args: &[&str]) -> Result<()> {
+    // Another apt or dpkg run (unattended upgrades, a second checkout's
+    // `cargo xtask`) holds the dpkg lock for a while: wait for it rather
+    // than fail the command.
     let status = Command::new("apt-get")
+        .args(["-o", "DPkg::Lock::Timeout=600"])
         .args(args)
         .env("DEBIAN_FRONTEND", "noninteractive")
         .status()

@@ -25,7 +25,18 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    /// A helper program (`nft`, `ip`) could not be started.
+    /// A netlink request inside the namespace failed: `what` names the
+    /// step (which rule, route or policy rule), `detail` is the kernel's
+    /// extended-ack text when it gave one.
+    #[error("{what} in network namespace {netns} failed: {source}{}", if detail.is_empty() { String::new() } else { format!(" ({detail})") })]
+    Netlink {
+        what: String,
+        netns: PathBuf,
+        #[source]
+        source: std::io::Error,
+        detail: String,
+    },
+    /// A helper program (`nft`, `ip`) could not be started (`show` only).
     #[error("cannot run `{program}` (is it installed and on PATH?): {source}")]
     Spawn {
         program: String,

@@ -1,45 +1,18 @@
-//! Runs `nft` / `ip` inside a target network namespace. The child enters
-//! the namespace with `setns` between fork and exec, so the caller's threads
+//! Runs `nft` / `ip` inside a target network namespace, for `show` (the
+//! operator's view; installing never spawns). The child enters the
+//! namespace with `setns` between fork and exec, so the caller's threads
 //! (a tokio runtime's included) never change namespace.
 
-use std::fs::File;
 use std::io::Write;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
 use crate::Error;
-
-/// `NSFS_MAGIC` from linux/magic.h: the filesystem of namespace files.
-const NSFS_MAGIC: i64 = 0x6e73_6673;
-
-/// An opened network-namespace file, checked to really be one.
-pub(crate) struct Netns {
-    path: PathBuf,
-    file: File,
-}
+use crate::netns::Netns;
 
 impl Netns {
-    pub(crate) fn open(path: &Path) -> Result<Self, Error> {
-        let err = |source| Error::Netns {
-            path: path.to_path_buf(),
-            source,
-        };
-        let file = File::open(path).map_err(err)?;
-        let stat = nix::sys::statfs::fstatfs(&file).map_err(|e| err(e.into()))?;
-        if stat.filesystem_type().0 as i64 != NSFS_MAGIC {
-            return Err(err(std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                "not a namespace file (expected e.g. /proc/<pid>/ns/net or /run/netns/<name>)",
-            )));
-        }
-        Ok(Netns {
-            path: path.to_path_buf(),
-            file,
-        })
-    }
-
     /// Runs `program args` in the namespace, feeding `stdin`; returns stdout.
     pub(crate) fn run(
         &self,

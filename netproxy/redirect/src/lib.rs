@@ -12,13 +12,17 @@
 //!   table 100`) for transparent delivery.
 //!
 //! The proxy never calls this crate to install rules; the shim does, from
-//! the node, before any app container exists. Mechanism and trade-offs:
-//! docs/redirection.md.
+//! the node, before any app container exists, over netlink from its own
+//! process (nothing spawned). `show` prints the state with `nft` and `ip`.
+//! Mechanism and trade-offs: docs/redirection.md.
 
 mod annotations;
 mod config;
 mod error;
 mod exec;
+mod netlink;
+mod netns;
+mod nft;
 mod routing;
 mod ruleset;
 
@@ -32,19 +36,25 @@ pub use config::{PortSelection, RedirectConfig};
 pub use error::Error;
 pub use ruleset::{TABLE, install_script};
 
-use exec::{Netns, is_not_found};
+use exec::is_not_found;
+use netlink::{NETLINK_NETFILTER, NETLINK_ROUTE};
+use netns::Netns;
 
 /// Installs (or converges to) the ruleset for `cfg` inside the network
 /// namespace at `netns_path`. Idempotent: the nftables table is replaced in
 /// one transaction and the policy rule is rewritten only when it differs,
 /// so re-running after a shim restart or a half-finished install yields the
-/// same state. Needs CAP_NET_ADMIN and CAP_SYS_ADMIN (setns).
+/// same state. Needs CAP_NET_ADMIN and CAP_SYS_ADMIN (setns). Blocking
+/// (a few netlink round trips; the kernel may load nftables modules on
+/// first use).
 pub fn install(netns_path: &Path, cfg: &RedirectConfig) -> Result<(), Error> {
     cfg.validate()?;
     let ns = Netns::open(netns_path)?;
+    let [mut rtnl, mut nfnl] = netlink::open_in(&ns, [NETLINK_ROUTE, NETLINK_NETFILTER])?;
     // Routing first: the TPROXY rules rely on it for delivery.
-    routing::install(&ns, cfg)?;
-    ns.run("nft", &["-f", "-"], Some(&install_script(cfg)))?;
+    routing::install(&mut rtnl, cfg)?;
+    nft::install(&mut nfnl, cfg)?;
+    nfnl.close_in_background();
     tracing::info!(netns = %netns_path.display(), "redirection ruleset installed");
     Ok(())
 }
@@ -52,8 +62,9 @@ pub fn install(netns_path: &Path, cfg: &RedirectConfig) -> Result<(), Error> {
 /// Removes everything `install` added. Removing what is absent is not an error.
 pub fn remove(netns_path: &Path, cfg: &RedirectConfig) -> Result<(), Error> {
     let ns = Netns::open(netns_path)?;
-    ns.run("nft", &["-f", "-"], Some(&ruleset::remove_script()))?;
-    routing::remove(&ns, cfg)?;
+    let [mut rtnl, mut nfnl] = netlink::open_in(&ns, [NETLINK_ROUTE, NETLINK_NETFILTER])?;
+    nft::remove(&mut nfnl)?;
+    routing::remove(&mut rtnl, cfg)?;
     tracing::info!(netns = %netns_path.display(), "redirection ruleset removed");
     Ok(())
 }

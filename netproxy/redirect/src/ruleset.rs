@@ -1,8 +1,10 @@
-//! The nftables ruleset, rendered as an `nft -f` script from a
-//! `RedirectConfig`. One `inet` table covers IPv4 and IPv6. The script
-//! first creates-then-deletes the table and then declares it whole, so one
-//! `nft -f` run is a single kernel transaction that replaces whatever was
-//! there (nothing, a previous install, or a half-written table).
+//! The nftables ruleset for a `RedirectConfig`, as data: chains of rules,
+//! each a list of matches and statements in nft's own vocabulary. Two
+//! renderings read it: `install_script` here (the `nft -f` text operators
+//! read, and the reference the tests compare against) and `nft/` (the
+//! netlink batch the shim installs). One `inet` table covers IPv4 and IPv6;
+//! both renderings replace the whole table in one kernel transaction
+//! (nothing, a previous install, or a half-written table before).
 //!
 //! Equivalent of Istio's in-pod ambient rules (istio-cni `AppendInpodRules`,
 //! TPROXY variant), with two deliberate differences: an inbound connection
@@ -10,7 +12,8 @@
 //! (nft's `tproxy` does not drop on a missing socket, iptables' TPROXY does),
 //! and connections from the app to its own pod IP are captured too.
 
-use std::fmt::Write;
+use std::collections::BTreeSet;
+use std::fmt::{self, Display, Write};
 use std::net::IpAddr;
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
@@ -20,118 +23,314 @@ use crate::{PortSelection, RedirectConfig};
 /// Name of the `inet` table that holds every sidetunnel rule.
 pub const TABLE: &str = "sidetunnel";
 
-/// Script that atomically replaces the table with the one for `cfg`.
-pub fn install_script(cfg: &RedirectConfig) -> String {
-    let mut s = remove_script();
+/// A base chain: its hook and every rule in order.
+pub(crate) struct Chain {
+    pub name: &'static str,
+    pub kind: ChainKind,
+    pub hook: Hook,
+    pub priority: i32,
+    pub rules: Vec<Rule>,
+}
+
+#[derive(Clone, Copy)]
+pub(crate) enum ChainKind {
+    Filter,
+    Route,
+    Nat,
+}
+
+#[derive(Clone, Copy)]
+pub(crate) enum Hook {
+    Prerouting,
+    Output,
+}
+
+/// One rule: its terms in order, as `nft` reads them left to right.
+pub(crate) struct Rule(pub Vec<Term>);
+
+/// Which mark a term reads or writes.
+#[derive(Clone, Copy)]
+pub(crate) enum MarkOf {
+    Meta,
+    Ct,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Cmp {
+    Eq,
+    Ne,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum L4 {
+    Tcp,
+    Udp,
+}
+
+#[derive(Clone, Copy)]
+pub(crate) enum AddrField {
+    Saddr,
+    Daddr,
+}
+
+#[derive(Clone, Copy)]
+pub(crate) enum PortField {
+    /// `tcp dport`: implies `meta l4proto tcp`.
+    Tcp,
+    /// `th dport`: any transport header, no protocol implied.
+    Th,
+}
+
+/// One value or an anonymous set (`{ a, b }`) of values. A set is kept a
+/// set even with one element: the text says `{ x }` and nft itself then
+/// compiles it like the single value.
+#[derive(Clone)]
+pub(crate) enum Values<T> {
+    One(T),
+    Set(Vec<T>),
+}
+
+impl<T> Values<T> {
+    pub fn items(&self) -> &[T] {
+        match self {
+            Values::One(v) => std::slice::from_ref(v),
+            Values::Set(v) => v,
+        }
+    }
+}
+
+/// Addresses of one family: hosts (plain addresses) or networks (CIDRs,
+/// which make an interval set).
+#[derive(Clone)]
+pub(crate) enum Addrs {
+    Hosts(Values<IpAddr>),
+    Nets(Values<IpNet>),
+}
+
+/// A match or a statement.
+pub(crate) enum Term {
+    /// `meta|ct mark & mask == value`
+    MarkIs { of: MarkOf, mask: u32, value: u32 },
+    /// `iif "lo"`
+    IifLo,
+    /// `meta l4proto [!=] p`
+    L4Proto(Cmp, L4),
+    /// `meta l4proto { a, b }`
+    L4ProtoIn(Vec<L4>),
+    /// `ct state established,related`
+    CtEstablishedRelated,
+    /// `tcp|th dport [!=] ports`
+    Dport(PortField, Cmp, Values<u16>),
+    /// `ip|ip6 saddr|daddr addrs` (family from the addresses)
+    Addr(AddrField, bool, Addrs),
+    /// `ct|meta mark set <of> mark & keep | or`
+    SetMark { to: MarkOf, keep: u32, or: u32 },
+    /// `meta mark set ct mark`
+    MetaMarkFromCt,
+    /// `tproxy to :port`
+    Tproxy(u16),
+    /// `redirect to :port`
+    Redirect(u16),
+    /// `reject with tcp reset`
+    RejectTcpReset,
+    /// `accept`
+    Accept,
+}
+
+/// The table's chains for `cfg`, in declaration order.
+pub(crate) fn chains(cfg: &RedirectConfig) -> Vec<Chain> {
     let mask = cfg.mark_mask;
     let keep = !mask;
-    let proxy_mark = format!("meta mark & {mask:#x} == {:#x}", cfg.proxy_mark);
     let tproxy_mark = cfg.tproxy_mark;
-
-    let _ = writeln!(s, "table inet {TABLE} {{");
+    let proxy_mark = || Term::MarkIs {
+        of: MarkOf::Meta,
+        mask,
+        value: cfg.proxy_mark,
+    };
+    let set_of = |ports: &BTreeSet<u16>| Values::Set(ports.iter().copied().collect());
+    let tcp_dport = |cmp, ports| Term::Dport(PortField::Tcp, cmp, ports);
 
     // Inbound: mangle-priority prerouting, TPROXY so the proxy sees the
     // original source and destination without NAT.
-    let _ = writeln!(s, "\tchain prerouting {{");
-    let _ = writeln!(
-        s,
-        "\t\ttype filter hook prerouting priority mangle; policy accept;"
-    );
-    // Connections the proxy opens (its sockets carry the proxy mark; only
-    // ones to a local address come back through prerouting, on lo) get the
-    // tproxy connmark, so the app's replies to a spoofed source are routed
-    // back to the proxy (see the output route chain and table 100).
-    let _ = writeln!(
-        s,
-        "\t\t{proxy_mark} ct mark set ct mark & {keep:#x} | {tproxy_mark:#x}"
-    );
-    // Everything on lo already went through this netns's output chains.
-    let _ = writeln!(s, "\t\tiif \"lo\" accept");
-    let _ = writeln!(s, "\t\tmeta l4proto != tcp accept");
-    let _ = writeln!(s, "\t\tct state established,related accept");
-    let _ = writeln!(s, "\t\ttcp dport {} accept", set(cfg.proxy_inbound_ports()));
+    let mut pre = vec![
+        // Connections the proxy opens (its sockets carry the proxy mark;
+        // only ones to a local address come back through prerouting, on
+        // lo) get the tproxy connmark, so the app's replies to a spoofed
+        // source are routed back to the proxy (see the output route chain
+        // and table 100).
+        Rule(vec![
+            proxy_mark(),
+            Term::SetMark {
+                to: MarkOf::Ct,
+                keep,
+                or: tproxy_mark,
+            },
+        ]),
+        // Everything on lo already went through this netns's output chains.
+        Rule(vec![Term::IifLo, Term::Accept]),
+        Rule(vec![Term::L4Proto(Cmp::Ne, L4::Tcp), Term::Accept]),
+        Rule(vec![Term::CtEstablishedRelated, Term::Accept]),
+        Rule(vec![
+            tcp_dport(Cmp::Eq, Values::Set(cfg.proxy_inbound_ports().to_vec())),
+            Term::Accept,
+        ]),
+    ];
     if !cfg.exclude_inbound_ports.is_empty() {
-        let _ = writeln!(
-            s,
-            "\t\ttcp dport {} accept",
-            set(&cfg.exclude_inbound_ports)
-        );
+        pre.push(Rule(vec![
+            tcp_dport(Cmp::Eq, set_of(&cfg.exclude_inbound_ports)),
+            Term::Accept,
+        ]));
     }
-    let probe_ports = if cfg.probe_ports.is_empty() {
-        String::new()
-    } else {
-        format!(" tcp dport {}", set(&cfg.probe_ports))
-    };
-    let (probe4, probe6): (Vec<IpAddr>, Vec<IpAddr>) =
-        cfg.probe_source_addrs.iter().partition(|a| a.is_ipv4());
-    for (family, addrs) in [("ip", probe4), ("ip6", probe6)] {
+    let hosts: BTreeSet<IpAddr> = cfg.probe_source_addrs.iter().copied().collect();
+    let (probe4, probe6): (Vec<IpAddr>, Vec<IpAddr>) = hosts.into_iter().partition(|a| a.is_ipv4());
+    for (v6, addrs) in [(false, probe4), (true, probe6)] {
         if !addrs.is_empty() {
-            let _ = writeln!(s, "\t\t{family} saddr {}{probe_ports} accept", set(addrs));
+            let mut rule = vec![Term::Addr(
+                AddrField::Saddr,
+                v6,
+                Addrs::Hosts(Values::Set(addrs)),
+            )];
+            if !cfg.probe_ports.is_empty() {
+                rule.push(tcp_dport(Cmp::Eq, set_of(&cfg.probe_ports)));
+            }
+            rule.push(Term::Accept);
+            pre.push(Rule(rule));
         }
     }
     let capture_inbound = match &cfg.include_inbound_ports {
         PortSelection::All => true,
         PortSelection::Only(ports) if ports.is_empty() => false,
         PortSelection::Only(ports) => {
-            let _ = writeln!(s, "\t\ttcp dport != {} accept", set(ports));
+            pre.push(Rule(vec![tcp_dport(Cmp::Ne, set_of(ports)), Term::Accept]));
             true
         }
     };
     if capture_inbound {
-        let _ = writeln!(
-            s,
-            "\t\tmeta l4proto tcp tproxy to :{} meta mark set meta mark & {keep:#x} | {tproxy_mark:#x} accept",
-            cfg.inbound_plaintext_port
-        );
+        pre.push(Rule(vec![
+            Term::L4Proto(Cmp::Eq, L4::Tcp),
+            Term::Tproxy(cfg.inbound_plaintext_port),
+            Term::SetMark {
+                to: MarkOf::Meta,
+                keep,
+                or: tproxy_mark,
+            },
+            Term::Accept,
+        ]));
         // Fail closed: no transparent listener (proxy down) means reset,
         // never delivery to the app behind the proxy's back.
-        let _ = writeln!(s, "\t\tmeta l4proto tcp reject with tcp reset");
+        pre.push(Rule(vec![
+            Term::L4Proto(Cmp::Eq, L4::Tcp),
+            Term::RejectTcpReset,
+        ]));
     }
-    let _ = writeln!(s, "\t}}");
 
     // Restore the tproxy connmark onto locally generated packets; a `route`
     // chain makes the kernel re-route them after the mark changes.
-    let _ = writeln!(s, "\tchain output-route {{");
-    let _ = writeln!(
-        s,
-        "\t\ttype route hook output priority mangle; policy accept;"
-    );
-    let _ = writeln!(
-        s,
-        "\t\tct mark & {mask:#x} == {tproxy_mark:#x} meta mark set ct mark"
-    );
-    let _ = writeln!(s, "\t}}");
+    let route = vec![Rule(vec![
+        Term::MarkIs {
+            of: MarkOf::Ct,
+            mask,
+            value: tproxy_mark,
+        },
+        Term::MetaMarkFromCt,
+    ])];
 
     // Outbound: NAT redirect so the proxy reads the original destination
     // with SO_ORIGINAL_DST / IP6T_SO_ORIGINAL_DST.
-    let _ = writeln!(s, "\tchain output-nat {{");
-    let _ = writeln!(s, "\t\ttype nat hook output priority -100; policy accept;");
-    let _ = writeln!(s, "\t\t{proxy_mark} accept");
-    let _ = writeln!(s, "\t\tip daddr 127.0.0.0/8 accept");
-    let _ = writeln!(s, "\t\tip6 daddr ::1 accept");
+    let loopback4: IpNet = "127.0.0.0/8".parse().expect("literal CIDR");
+    let mut nat = vec![
+        Rule(vec![proxy_mark(), Term::Accept]),
+        Rule(vec![
+            Term::Addr(AddrField::Daddr, false, Addrs::Nets(Values::One(loopback4))),
+            Term::Accept,
+        ]),
+        Rule(vec![
+            Term::Addr(
+                AddrField::Daddr,
+                true,
+                Addrs::Hosts(Values::One(IpAddr::from(std::net::Ipv6Addr::LOCALHOST))),
+            ),
+            Term::Accept,
+        ]),
+    ];
     let (v4, v6) = excluded_nets(&cfg.exclude_outbound_ip_ranges);
-    if !v4.is_empty() {
-        let _ = writeln!(s, "\t\tip daddr {} accept", set(v4));
-    }
-    if !v6.is_empty() {
-        let _ = writeln!(s, "\t\tip6 daddr {} accept", set(v6));
+    for (is_v6, nets) in [(false, v4), (true, v6)] {
+        if !nets.is_empty() {
+            nat.push(Rule(vec![
+                Term::Addr(AddrField::Daddr, is_v6, Addrs::Nets(Values::Set(nets))),
+                Term::Accept,
+            ]));
+        }
     }
     if !cfg.exclude_outbound_ports.is_empty() {
-        let _ = writeln!(
-            s,
-            "\t\tmeta l4proto {{ tcp, udp }} th dport {} accept",
-            set(&cfg.exclude_outbound_ports)
-        );
+        nat.push(Rule(vec![
+            Term::L4ProtoIn(vec![L4::Tcp, L4::Udp]),
+            Term::Dport(PortField::Th, Cmp::Eq, set_of(&cfg.exclude_outbound_ports)),
+            Term::Accept,
+        ]));
     }
     if cfg.dns_capture {
+        nat.push(Rule(vec![
+            Term::L4ProtoIn(vec![L4::Tcp, L4::Udp]),
+            Term::Dport(PortField::Th, Cmp::Eq, Values::One(53)),
+            Term::Redirect(cfg.dns_port),
+        ]));
+    }
+    nat.push(Rule(vec![
+        Term::L4Proto(Cmp::Eq, L4::Tcp),
+        Term::Redirect(cfg.outbound_port),
+    ]));
+
+    vec![
+        Chain {
+            name: "prerouting",
+            kind: ChainKind::Filter,
+            hook: Hook::Prerouting,
+            priority: MANGLE,
+            rules: pre,
+        },
+        Chain {
+            name: "output-route",
+            kind: ChainKind::Route,
+            hook: Hook::Output,
+            priority: MANGLE,
+            rules: route,
+        },
+        Chain {
+            name: "output-nat",
+            kind: ChainKind::Nat,
+            hook: Hook::Output,
+            priority: DSTNAT,
+            rules: nat,
+        },
+    ]
+}
+
+/// nft's `mangle` priority.
+const MANGLE: i32 = -150;
+/// The output NAT chain's priority (`dstnat`, written as a number).
+const DSTNAT: i32 = -100;
+
+/// Script that atomically replaces the table with the one for `cfg`.
+pub fn install_script(cfg: &RedirectConfig) -> String {
+    let mut s = remove_script();
+    let _ = writeln!(s, "table inet {TABLE} {{");
+    for chain in chains(cfg) {
+        let _ = writeln!(s, "\tchain {} {{", chain.name);
+        let priority = match chain.priority {
+            MANGLE => "mangle".to_string(),
+            p => p.to_string(),
+        };
         let _ = writeln!(
             s,
-            "\t\tmeta l4proto {{ tcp, udp }} th dport 53 redirect to :{}",
-            cfg.dns_port
+            "\t\ttype {} hook {} priority {priority}; policy accept;",
+            chain.kind, chain.hook
         );
+        for rule in &chain.rules {
+            let _ = writeln!(s, "\t\t{rule}");
+        }
+        let _ = writeln!(s, "\t}}");
     }
-    let _ = writeln!(s, "\t\tmeta l4proto tcp redirect to :{}", cfg.outbound_port);
-    let _ = writeln!(s, "\t}}");
     let _ = writeln!(s, "}}");
     s
 }
@@ -144,7 +343,7 @@ pub fn remove_script() -> String {
 
 /// Merges overlapping networks per family: nft rejects overlapping
 /// intervals in one set.
-fn excluded_nets(nets: &[IpNet]) -> (Vec<Ipv4Net>, Vec<Ipv6Net>) {
+fn excluded_nets(nets: &[IpNet]) -> (Vec<IpNet>, Vec<IpNet>) {
     let mut v4 = Vec::new();
     let mut v6 = Vec::new();
     for net in nets {
@@ -153,7 +352,110 @@ fn excluded_nets(nets: &[IpNet]) -> (Vec<Ipv4Net>, Vec<Ipv6Net>) {
             IpNet::V6(n) => v6.push(*n),
         }
     }
-    (Ipv4Net::aggregate(&v4), Ipv6Net::aggregate(&v6))
+    (
+        Ipv4Net::aggregate(&v4).into_iter().map(IpNet::V4).collect(),
+        Ipv6Net::aggregate(&v6).into_iter().map(IpNet::V6).collect(),
+    )
+}
+
+impl Display for ChainKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ChainKind::Filter => "filter",
+            ChainKind::Route => "route",
+            ChainKind::Nat => "nat",
+        })
+    }
+}
+
+impl Display for Hook {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Hook::Prerouting => "prerouting",
+            Hook::Output => "output",
+        })
+    }
+}
+
+impl Display for MarkOf {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            MarkOf::Meta => "meta",
+            MarkOf::Ct => "ct",
+        })
+    }
+}
+
+impl Display for Cmp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Cmp::Eq => "",
+            Cmp::Ne => "!= ",
+        })
+    }
+}
+
+impl Display for L4 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            L4::Tcp => "tcp",
+            L4::Udp => "udp",
+        })
+    }
+}
+
+impl<T: Display> Display for Values<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Values::One(v) => write!(f, "{v}"),
+            Values::Set(items) => write!(f, "{}", set(items)),
+        }
+    }
+}
+
+impl Display for Rule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let terms: Vec<String> = self.0.iter().map(ToString::to_string).collect();
+        f.write_str(&terms.join(" "))
+    }
+}
+
+impl Display for Term {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Term::MarkIs { of, mask, value } => write!(f, "{of} mark & {mask:#x} == {value:#x}"),
+            Term::IifLo => f.write_str("iif \"lo\""),
+            Term::L4Proto(cmp, p) => write!(f, "meta l4proto {cmp}{p}"),
+            Term::L4ProtoIn(ps) => write!(f, "meta l4proto {}", set(ps)),
+            Term::CtEstablishedRelated => f.write_str("ct state established,related"),
+            Term::Dport(field, cmp, ports) => {
+                let proto = match field {
+                    PortField::Tcp => "tcp",
+                    PortField::Th => "th",
+                };
+                write!(f, "{proto} dport {cmp}{ports}")
+            }
+            Term::Addr(field, v6, addrs) => {
+                let family = if *v6 { "ip6" } else { "ip" };
+                let field = match field {
+                    AddrField::Saddr => "saddr",
+                    AddrField::Daddr => "daddr",
+                };
+                match addrs {
+                    Addrs::Hosts(v) => write!(f, "{family} {field} {v}"),
+                    Addrs::Nets(v) => write!(f, "{family} {field} {v}"),
+                }
+            }
+            Term::SetMark { to, keep, or } => {
+                write!(f, "{to} mark set {to} mark & {keep:#x} | {or:#x}")
+            }
+            Term::MetaMarkFromCt => f.write_str("meta mark set ct mark"),
+            Term::Tproxy(port) => write!(f, "tproxy to :{port}"),
+            Term::Redirect(port) => write!(f, "redirect to :{port}"),
+            Term::RejectTcpReset => f.write_str("reject with tcp reset"),
+            Term::Accept => f.write_str("accept"),
+        }
+    }
 }
 
 /// An anonymous nft set: `{ a, b }`.

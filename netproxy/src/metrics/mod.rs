@@ -55,6 +55,7 @@ impl Metrics {
         registry.register_collector(Box::new(CopyBufferMetrics::new(
             crate::hbone::CopyBudget::global(),
         )));
+        register_build(&mut registry);
         Metrics {
             registry,
             traffic,
@@ -72,6 +73,22 @@ impl Metrics {
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
     }
+}
+
+/// `istio_build{component="sidetunnel-proxy",tag="<version>"} 1`, Istio's
+/// build-info metric: which proxy version serves a pod (it changes on a
+/// live upgrade; the shim's record says the same).
+fn register_build(registry: &mut Registry) {
+    use prometheus_client::metrics::family::Family;
+    use prometheus_client::metrics::gauge::Gauge;
+    let build = Family::<Vec<(String, String)>, Gauge>::default();
+    build
+        .get_or_create(&vec![
+            ("component".to_string(), "sidetunnel-proxy".to_string()),
+            ("tag".to_string(), env!("CARGO_PKG_VERSION").to_string()),
+        ])
+        .set(1);
+    registry.register("istio_build", "Istio component build info", build);
 }
 
 #[cfg(test)]

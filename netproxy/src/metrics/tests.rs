@@ -159,3 +159,13 @@ fn xds_counters_absent_until_attached() {
     let m = Metrics::new();
     assert!(!m.encode().contains("xds"), "{}", m.encode());
 }
+
+#[test]
+fn build_info_names_the_version() {
+    let text = Metrics::new().encode();
+    let line = format!(
+        "istio_build{{component=\"sidetunnel-proxy\",tag=\"{}\"}} 1",
+        env!("CARGO_PKG_VERSION")
+    );
+    assert!(text.contains(&line), "no {line} in\n{text}");
+}

@@ -2,22 +2,30 @@
 //! clash fails the start), starts the certificate source and the xDS
 //! client, serves the data path, the DNS proxy (if enabled), metrics, readiness and the admin socket,
 //! and on SIGTERM/SIGINT drains: listeners close, readiness turns 503, open
-//! connections get the grace period, then the process exits.
+//! connections get the grace period, then the process exits. With the
+//! shim's handover channel (see [`crate::handover`]) it takes inherited
+//! listeners instead of binding, gives the shim its listeners and says when
+//! it is ready; on SIGUSR1 it hands over: every listener (readiness,
+//! metrics and admin included) stops accepting at once, because the next
+//! proxy serves them, and open connections drain as on SIGTERM.
 
-use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::FutureExt as _;
 use serde_json::json;
+use sidetunnel_contract::handover::ListenerName;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{info, warn};
 
-use super::{Drain, Listeners, ProxyInputs};
+use super::{BindError, Drain, Listeners, ProxyInputs, take_or_bind};
 use crate::admin::{self, LogControl, Readiness};
 use crate::cert_source::{CaClientConfig, CertSource, CertSourceError, FileSourceConfig};
 use crate::config::{CertSource as CfgCertSource, Config};
 use crate::dns::DnsServer;
+use crate::handover::{Channel, HandoverError, Inherited};
 use crate::identity::{CertificateManager, Identity, IdentityParseError};
 use crate::metrics::Metrics;
 use crate::socket;
@@ -28,13 +36,9 @@ use crate::xds::{XdsClient, XdsConfig, XdsHandle};
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error(transparent)]
-    Bind(#[from] super::BindError),
-    #[error("binding the {what} port {port}: {source}")]
-    BindPort {
-        what: &'static str,
-        port: u16,
-        source: std::io::Error,
-    },
+    Bind(#[from] BindError),
+    #[error(transparent)]
+    Handover(#[from] HandoverError),
     #[error(transparent)]
     Admin(#[from] admin::AdminError),
     #[error("DNS proxy: {0}")]
@@ -55,24 +59,62 @@ pub enum StartError {
 pub async fn run(cfg: Config, logs: LogControl) -> Result<(), StartError> {
     let started = Instant::now();
     let cfg = Arc::new(cfg);
-    let any = |port| SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port);
-    let listeners = Listeners::bind(&cfg)?;
-    let bind_port = |what, port| {
-        admin::bind_tcp(any(port), cfg.mark).map_err(|source| StartError::BindPort {
-            what,
-            port,
-            source,
-        })
+    let mut inherited = Inherited::from_env()?;
+    let channel = Channel::from_env()?;
+    let shim_holds_listeners = channel.is_some();
+    let took_over = !inherited.is_empty();
+    let listeners = Listeners::bind(&cfg, &mut inherited)?;
+    let metrics_listener = take_or_bind(
+        &mut inherited,
+        ListenerName::Metrics,
+        cfg.ports.metrics,
+        cfg.mark,
+        false,
+    )?;
+    let readiness_listener = take_or_bind(
+        &mut inherited,
+        ListenerName::Readiness,
+        cfg.ports.readiness,
+        cfg.mark,
+        false,
+    )?;
+    let admin_listener = match inherited.take_unix(ListenerName::Admin)? {
+        Some(l) => Some(tokio::net::UnixListener::from_std(l).map_err(|source| {
+            admin::AdminError::Socket {
+                path: "(inherited)".into(),
+                source,
+            }
+        })?),
+        None => cfg
+            .admin_socket
+            .as_deref()
+            .map(admin::bind_admin_socket)
+            .transpose()?,
     };
-    let metrics_listener = bind_port("metrics", cfg.ports.metrics)?;
-    let readiness_listener = bind_port("readiness", cfg.ports.readiness)?;
-    let admin_listener = cfg
-        .admin_socket
-        .as_deref()
-        .map(admin::bind_admin_socket)
-        .transpose()?;
+    let leftover = inherited.leftover();
+    if !leftover.is_empty() {
+        warn!(
+            ?leftover,
+            "inherited listeners these settings do not use; closing them"
+        );
+    }
+    drop(inherited);
+    if let Some(ch) = &channel {
+        let mut named = listeners.named().to_vec();
+        named.push((ListenerName::Metrics, metrics_listener.as_fd()));
+        named.push((ListenerName::Readiness, readiness_listener.as_fd()));
+        if let Some(a) = &admin_listener {
+            named.push((ListenerName::Admin, a.as_fd()));
+        }
+        // Without them the shim cannot keep the ports open across a
+        // restart or hand them to a successor; the proxy still serves.
+        if let Err(e) = ch.send_listeners(&named) {
+            warn!("giving the listeners to the shim: {e}");
+        }
+    }
     let mut sigterm = signal(SignalKind::terminate()).map_err(StartError::Signals)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(StartError::Signals)?;
+    let mut sighandover = signal(SignalKind::user_defined1()).map_err(StartError::Signals)?;
 
     let local_ips = if cfg.pod.ips.is_empty() {
         socket::local_addresses().map_err(StartError::Addresses)?
@@ -132,25 +174,48 @@ pub async fn run(cfg: Config, logs: LogControl) -> Result<(), StartError> {
         metrics.clone(),
         local_ips,
     );
-    let data_path = tokio::spawn(super::run(pi.clone(), listeners, acceptor, drain.clone()));
+    // Inherited listeners are (or were) served by an earlier proxy of this
+    // pod: the old one keeps accepting until this one is ready, and a
+    // connection this one accepted before it had a certificate and its
+    // first config would fail. So with inherited listeners nothing is
+    // accepted until ready; connections meanwhile wait in the kernel's
+    // accept queue (or go to the old proxy).
+    let gate = {
+        let (certs, xds, drain) = (certs.clone(), xds.clone(), drain.clone());
+        async move {
+            if took_over {
+                tokio::select! {
+                    _ = async {
+                        certs.wait_ready().await;
+                        xds.wait_synced(READY_LOG_BOUND).await;
+                    } => {}
+                    _ = drain.accepting_stopped() => {}
+                }
+            }
+        }
+    };
+    let gate = gate.boxed().shared();
+    let data_path = {
+        let (pi, drain, gate) = (pi.clone(), drain.clone(), gate.clone());
+        tokio::spawn(async move {
+            gate.await;
+            super::run(pi, listeners, acceptor, drain).await
+        })
+    };
     if let Some(dns) = dns {
-        tokio::spawn(dns.serve(stop.clone()));
+        let serve_dns = dns.serve(stop.clone());
+        tokio::spawn(gate.clone().then(move |()| serve_dns));
     }
-    tokio::spawn(log_ready(started, certs.clone(), xds.clone()));
+    tokio::spawn(log_ready(started, certs.clone(), xds.clone(), channel));
     tokio::spawn(super::limits::release_memory_after_bursts(
         pi.connections.clone(),
         stop.clone(),
     ));
-    tokio::spawn(admin::serve_metrics(
-        metrics_listener,
-        metrics.clone(),
-        stop.clone(),
-    ));
-    tokio::spawn(admin::serve_readiness(
-        readiness_listener,
-        readiness.clone(),
-        stop.clone(),
-    ));
+    let serve_metrics = admin::serve_metrics(metrics_listener, metrics.clone(), stop.clone());
+    tokio::spawn(gate.clone().then(move |()| serve_metrics));
+    let serve_readiness =
+        admin::serve_readiness(readiness_listener, readiness.clone(), stop.clone());
+    tokio::spawn(gate.then(move |()| serve_readiness));
     if let Some(l) = admin_listener {
         let dump = config_dump(cfg.clone(), store, certs, xds, pi);
         tokio::spawn(admin::serve_admin(l, dump, logs, stop.clone()));
@@ -159,25 +224,44 @@ pub async fn run(cfg: Config, logs: LogControl) -> Result<(), StartError> {
     let sig = tokio::select! {
         _ = sigterm.recv() => "SIGTERM",
         _ = sigint.recv() => "SIGINT",
+        _ = sighandover.recv() => "SIGUSR1",
     };
-    info!(signal = sig, grace = ?cfg.drain_grace_period, "shutting down");
+    let handover = sig == "SIGUSR1";
+    if handover {
+        // The successor accepts on the same sockets: stop every server of
+        // this process now, so no probe or scrape reaches the old one.
+        info!(grace = ?cfg.drain_grace_period, "handing over to a new proxy");
+        stop.cancel();
+    } else {
+        info!(signal = sig, grace = ?cfg.drain_grace_period, "shutting down");
+    }
     let cut = drain.shutdown(cfg.drain_grace_period).await;
     info!(cut, "drained");
     stop.cancel();
     let _ = data_path.await;
     xds_task.abort();
     cert_task.abort();
-    if let Some(path) = &cfg.admin_socket {
+    // A shim that holds the admin socket (it was given or inherited) keeps
+    // it for the next proxy and removes it with the pod's directory.
+    if let Some(path) = &cfg.admin_socket
+        && !shim_holds_listeners
+    {
         let _ = std::fs::remove_file(path);
     }
     Ok(())
 }
 
-/// Logs once when the proxy first became ready, with what it waited for,
+/// Logs once when the proxy first became ready (and tells the shim, over
+/// the handover channel), with what it waited for,
 /// in milliseconds since `run` began (after flags, logging and the runtime):
 /// the start → ready breakdown without a debug log. Gives up silently if
 /// readiness takes longer than [`READY_LOG_BOUND`].
-async fn log_ready(started: Instant, certs: CertificateManager, xds: XdsHandle) {
+async fn log_ready(
+    started: Instant,
+    certs: CertificateManager,
+    xds: XdsHandle,
+    channel: Option<Channel>,
+) {
     let ms = |t: Instant| t.duration_since(started).as_secs_f64() * 1e3;
     let cert = async {
         certs.wait_ready().await;
@@ -198,6 +282,11 @@ async fn log_ready(started: Instant, certs: CertificateManager, xds: XdsHandle) 
         config_ms = format!("{:.1}", ms(config)),
         "ready"
     );
+    if let Some(ch) = channel
+        && let Err(e) = ch.send_ready()
+    {
+        warn!("telling the shim this proxy is ready: {e}");
+    }
 }
 
 /// How long [`log_ready`] waits.

@@ -27,14 +27,17 @@ mod upstream;
 
 use std::io;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::FutureExt as _;
+use sidetunnel_contract::handover::ListenerName;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{info, warn};
 
 use crate::config::Config;
+use crate::handover::{HandoverError, Inherited};
 use crate::hbone::{self, H2Config, Pool, SocketFactory};
 use crate::identity::{CertificateManager, Identity};
 use crate::metrics::Metrics;
@@ -150,8 +153,9 @@ impl SocketFactory for MarkedSockets {
     }
 }
 
-/// The three data-path listeners, bound before anything else starts so a
-/// port clash fails the start with a clear error.
+/// The three data-path listeners, bound (or inherited, see
+/// [`crate::handover`]) before anything else starts so a port clash fails
+/// the start with a clear error.
 pub struct Listeners {
     pub outbound: TcpListener,
     pub inbound_plaintext: TcpListener,
@@ -160,31 +164,71 @@ pub struct Listeners {
 
 /// Errors binding the listeners.
 #[derive(Debug, thiserror::Error)]
-#[error("binding the {what} listener on port {port}: {source}")]
-pub struct BindError {
-    what: &'static str,
-    port: u16,
-    source: io::Error,
+pub enum BindError {
+    #[error("binding the {what} listener on port {port}: {source}")]
+    Bind {
+        what: &'static str,
+        port: u16,
+        source: io::Error,
+    },
+    #[error(transparent)]
+    Inherited(#[from] HandoverError),
 }
 
 impl Listeners {
-    /// Binds all listeners on the unspecified address (dual-stack when the
-    /// netns has IPv6). The plaintext one is transparent (TPROXY target).
-    pub fn bind(cfg: &Config) -> Result<Listeners, BindError> {
-        let any = |port| SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port);
-        let bind = |what, port, transparent| {
-            socket::listener(any(port), cfg.mark, transparent).map_err(|source| BindError {
-                what,
-                port,
-                source,
-            })
-        };
+    /// Takes each listener from `inherited` or binds it on the unspecified
+    /// address (dual-stack when the netns has IPv6). The plaintext one is
+    /// transparent (TPROXY target).
+    pub fn bind(cfg: &Config, inherited: &mut Inherited) -> Result<Listeners, BindError> {
+        let ports = &cfg.ports;
         Ok(Listeners {
-            outbound: bind("outbound", cfg.ports.outbound, false)?,
-            inbound_plaintext: bind("inbound plaintext", cfg.ports.inbound_plaintext, true)?,
-            hbone: bind("HBONE", cfg.ports.hbone, false)?,
+            outbound: take_or_bind(
+                inherited,
+                ListenerName::Outbound,
+                ports.outbound,
+                cfg.mark,
+                false,
+            )?,
+            inbound_plaintext: take_or_bind(
+                inherited,
+                ListenerName::InboundPlaintext,
+                ports.inbound_plaintext,
+                cfg.mark,
+                true,
+            )?,
+            hbone: take_or_bind(inherited, ListenerName::Hbone, ports.hbone, cfg.mark, false)?,
         })
     }
+
+    /// The listeners by their handover names.
+    pub fn named(&self) -> [(ListenerName, BorrowedFd<'_>); 3] {
+        [
+            (ListenerName::Outbound, self.outbound.as_fd()),
+            (
+                ListenerName::InboundPlaintext,
+                self.inbound_plaintext.as_fd(),
+            ),
+            (ListenerName::Hbone, self.hbone.as_fd()),
+        ]
+    }
+}
+
+/// The inherited listener `name`, or a new one on `port` of the
+/// unspecified address.
+pub fn take_or_bind(
+    inherited: &mut Inherited,
+    name: ListenerName,
+    port: u16,
+    mark: u32,
+    transparent: bool,
+) -> Result<TcpListener, BindError> {
+    let what = name.as_str();
+    let bind_err = |source| BindError::Bind { what, port, source };
+    if let Some(l) = inherited.take_tcp(name, port)? {
+        return TcpListener::from_std(l).map_err(bind_err);
+    }
+    let any = SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port);
+    socket::listener(any, mark, transparent).map_err(bind_err)
 }
 
 /// Runs the listeners until `drain` stops accepting. `acceptor` verifies

@@ -6,15 +6,17 @@
 //! `sidetunnel.io/inject: "false"` are left exactly as runc would run them.
 
 mod backoff;
+mod channel;
 pub mod crilog;
-pub mod helper;
 pub mod launch;
 mod prefetch;
 mod ready;
 pub mod record;
+mod spawn;
 mod supervisor;
 mod timeline;
 mod token;
+mod upgrade;
 
 use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
@@ -72,9 +74,11 @@ pub struct Sandboxes {
 }
 
 /// Readiness polling of an app container's start: first interval, doubling
-/// up to the last.
+/// up to the last. The cap bounds how late the gate opens after the proxy
+/// became ready (a pod burst on a small node keeps proxies unready for tens
+/// of milliseconds); a probe is one loopback connect from a short thread.
 const READY_POLL_FIRST: Duration = Duration::from_millis(2);
-const READY_POLL_MAX: Duration = Duration::from_millis(100);
+const READY_POLL_MAX: Duration = Duration::from_millis(10);
 
 fn pod_name(p: &PodInfo) -> String {
     format!("{}/{}", p.namespace, p.name)
@@ -147,7 +151,7 @@ impl Sandboxes {
         let mut rec = base_record(&prepared);
         rec.state = "installing redirection".into();
         let _ = rec.save(&prepared.paths);
-        helper::redirect("install", &prepared.netns, &prepared.redirect)
+        run_redirect(Op::Install, &prepared.netns, &prepared.redirect)
             .await
             .map_err(|e| {
                 let _ = std::fs::remove_dir_all(&prepared.paths.dir);
@@ -230,13 +234,22 @@ impl Sandboxes {
         let Some(pod) = self.pods.lock().await.get(&sandbox).cloned() else {
             return Ok(());
         };
+        // When the app asked to start: `ready` minus this is how long the
+        // proxy held the app back (zero when it was ready first).
+        pod.timeline
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .mark("app_start");
         let deadline = tokio::time::Instant::now() + pod.ready_timeout;
         let mut last_probe = String::from("not probed yet");
         // Probes start close together: the proxy is usually ready within
         // tens of milliseconds of the sandbox, and every millisecond here
         // is added to the pod's start.
         let mut poll = READY_POLL_FIRST;
+        let mut states = pod.proxy.state.clone();
         loop {
+            // Seen: a change from here on ends the wait below.
+            states.borrow_and_update();
             let state = pod.proxy.current();
             match state {
                 ProxyState::Running { .. } => {
@@ -270,7 +283,13 @@ impl Sandboxes {
                     rec.restarts
                 )));
             }
-            tokio::time::sleep(poll).await;
+            // A state change (started, restarted, stopped) is acted on at
+            // once; a running proxy that is not ready yet is probed again
+            // after `poll`.
+            if let Ok(Err(_)) = tokio::time::timeout(poll, states.changed()).await {
+                // The supervisor is gone: plain polling until the deadline.
+                tokio::time::sleep(poll).await;
+            }
             poll = (poll * 2).min(READY_POLL_MAX);
         }
     }
@@ -491,14 +510,39 @@ fn plan(p: &Prepared, pause_pid: i32) -> std::result::Result<ProxyPlan, String> 
         backoff: Backoff::new(px.restart_backoff_initial, px.restart_backoff_max),
         token,
         record: rec,
+        upgrade: node.upgrade.clone(),
     })
+}
+
+#[derive(Clone, Copy)]
+enum Op {
+    Install,
+    Remove,
+}
+
+/// Installs or removes the redirection in `netns`, in this process over
+/// netlink (nothing spawned, so nothing races the subreaper); on the
+/// blocking pool because the kernel may load nftables modules meanwhile.
+async fn run_redirect(
+    op: Op,
+    netns: &Path,
+    cfg: &RedirectConfig,
+) -> std::result::Result<(), String> {
+    let (netns, cfg) = (netns.to_path_buf(), cfg.clone());
+    tokio::task::spawn_blocking(move || match op {
+        Op::Install => sidetunnel_redirect::install(&netns, &cfg),
+        Op::Remove => sidetunnel_redirect::remove(&netns, &cfg),
+    })
+    .await
+    .map_err(|e| format!("redirection task: {e}"))?
+    .map_err(|e| e.to_string())
 }
 
 /// Removes the ruleset (when the netns still exists) and the state directory.
 pub async fn cleanup(paths: &Paths, netns: Option<&Path>, redirect: Option<&RedirectConfig>) {
     if let (Some(netns), Some(cfg)) = (netns, redirect)
         && netns.exists()
-        && let Err(e) = helper::redirect("remove", netns, cfg).await
+        && let Err(e) = run_redirect(Op::Remove, netns, cfg).await
     {
         warn!(netns = %netns.display(), "removing redirection: {e}");
     }

@@ -56,6 +56,18 @@ pub struct Record {
     pub state: String,
     pub restarts: u32,
     pub exits: Vec<ExitRecord>,
+    /// What the running proxy reported once ready: its version and the
+    /// identity of its binary (`dev:inode:size:mtime`).
+    #[serde(default)]
+    pub proxy_version: Option<String>,
+    #[serde(default)]
+    pub proxy_binary: Option<String>,
+    /// Live handovers to a new proxy binary so far.
+    #[serde(default)]
+    pub upgrades: u32,
+    /// The last handover: when, from and to which process, or why it failed.
+    #[serde(default)]
+    pub last_upgrade: Option<String>,
 }
 
 impl Record {

@@ -1,28 +1,35 @@
-//! Runs and supervises one pod's proxy: launches it (through the launcher),
-//! forwards its output to the pod's CRI log and the shim log, restarts it with
-//! backoff when it exits, keeps its exit history in the shim's record, and on
+//! Runs and supervises one pod's proxy: launches it (`spawn.rs`), restarts
+//! it with backoff when it exits, keeps its exit history in the shim's
+//! record, hands the pod over to a new proxy binary (`upgrade.rs`) and on
 //! stop drains it (SIGTERM, grace, SIGKILL).
+//!
+//! The listeners a proxy gives the shim (`channel.rs`) are held here and
+//! handed to every later proxy of the pod, so a restart after a crash or an
+//! upgrade never closes the ports: connections arriving meanwhile wait in
+//! the kernel's accept queue instead of being refused. A proxy that exits
+//! before it was ever ready releases them (so a proxy that cannot start
+//! leaves the ports closed, and new connections are refused: fail closed).
+//! A pod that stops releases them before its proxy drains.
 
 use std::fmt;
 use std::path::PathBuf;
-use std::process::Stdio;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use containerd_shim::asynchronous::monitor::{monitor_subscribe, monitor_unsubscribe};
-use containerd_shim::monitor::Topic;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use time::OffsetDateTime;
-use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
+use tokio::task::{JoinHandle, JoinSet};
+use tracing::{error, info, warn};
 
 use super::backoff::Backoff;
-use super::crilog::{self, Stream};
-use super::launch::{self, LaunchFailure, LaunchSpec};
+use super::channel::{Event, Held};
+use super::crilog;
+use super::launch::{LaunchFailure, LaunchSpec};
 use super::record::{self, ExitRecord, Paths, Record};
-use crate::runtime::wait_exit;
+use super::spawn::{self, LogSink, Proxy};
+use super::upgrade;
+use crate::config::UpgradeConfig;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ProxyState {
@@ -73,6 +80,7 @@ pub struct ProxyPlan {
     /// Kubelet's token → the proxy's copy, refreshed at this interval.
     pub token: Option<(PathBuf, PathBuf, Duration)>,
     pub record: Record,
+    pub upgrade: UpgradeConfig,
 }
 
 pub struct Supervisor {
@@ -84,11 +92,13 @@ pub struct Supervisor {
     task: tokio::sync::Mutex<Option<JoinHandle<()>>>,
 }
 
-type LogSink = Arc<Mutex<Option<std::fs::File>>>;
-
 /// Bound on the wait for the launcher's report of the first start (it
 /// arrives within milliseconds; past this the restart loop takes over).
 const FIRST_START_WAIT: Duration = Duration::from_secs(10);
+
+/// Time an old proxy gets past the drain grace before it is killed (its
+/// own drain cuts what is left at the grace; this covers its exit).
+const DRAIN_MARGIN: Duration = Duration::from_secs(2);
 
 impl Supervisor {
     pub fn start(plan: ProxyPlan) -> Supervisor {
@@ -130,140 +140,14 @@ impl Supervisor {
         if let Some(task) = self.task.lock().await.take()
             && let Err(e) = task.await
         {
-            tracing::warn!("proxy supervisor task: {e}");
+            warn!("proxy supervisor task: {e}");
         }
     }
-}
-
-fn open_log(path: &Option<PathBuf>) -> LogSink {
-    let file = path.as_ref().and_then(|p| {
-        let dir = p.parent()?;
-        std::fs::create_dir_all(dir).ok()?;
-        std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(p)
-            .inspect_err(|e| tracing::warn!("open proxy log {}: {e}", p.display()))
-            .ok()
-    });
-    Arc::new(Mutex::new(file))
-}
-
-fn forward(out: impl AsyncRead + Unpin + Send + 'static, stream: Stream, sink: LogSink) {
-    tokio::spawn(async move {
-        let mut r = BufReader::new(out);
-        let mut line = Vec::new();
-        loop {
-            line.clear();
-            match r.read_until(b'\n', &mut line).await {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
-            }
-            if line.last() == Some(&b'\n') {
-                line.pop();
-            }
-            tracing::info!(target: "sidetunnel::proxy", stream = stream.as_str(), "{}", String::from_utf8_lossy(&line));
-            let rec = crilog::records(OffsetDateTime::now_utc(), stream, &line);
-            if let Some(f) = sink.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
-                let _ = std::io::Write::write_all(f, &rec);
-            }
-        }
-    });
-}
-
-type Spawned = (
-    i32,
-    containerd_shim::asynchronous::monitor::Subscription,
-    tokio::process::Child,
-    tokio::sync::oneshot::Receiver<Option<LaunchFailure>>,
-);
-
-async fn spawn(spec: &LaunchSpec, sink: &LogSink) -> Result<Spawned, String> {
-    let exe = std::env::current_exe().map_err(|e| format!("locate shim binary: {e}"))?;
-    let json = serde_json::to_string(spec).map_err(|e| e.to_string())?;
-    let (report_rx, report_tx) =
-        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
-    let sub = monitor_subscribe(Topic::Pid)
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut cmd = tokio::process::Command::new(exe);
-    cmd.arg(launch::ARG)
-        .env_clear()
-        .env(launch::ENV, json)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0);
-    let report_raw = std::os::fd::AsRawFd::as_raw_fd(&report_tx);
-    // SAFETY: dup2 is async-signal-safe; it places the report pipe's write
-    // end at the launcher's REPORT_FD (without close-on-exec).
-    unsafe {
-        cmd.pre_exec(move || {
-            // dup2 onto itself would keep close-on-exec: clear it instead.
-            let r = if report_raw == launch::REPORT_FD {
-                libc::fcntl(report_raw, libc::F_SETFD, 0)
-            } else {
-                libc::dup2(report_raw, launch::REPORT_FD)
-            };
-            if r < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let spawned = cmd.spawn();
-    drop(report_tx);
-    let mut child = match spawned {
-        Ok(c) => c,
-        Err(e) => {
-            monitor_unsubscribe(sub.id).await.unwrap_or_default();
-            return Err(format!("spawn launcher: {e}"));
-        }
-    };
-    let pid = child.id().unwrap_or_default() as i32;
-    if let Some(o) = child.stdout.take() {
-        forward(o, Stream::Stdout, sink.clone());
-    }
-    if let Some(e) = child.stderr.take() {
-        forward(e, Stream::Stderr, sink.clone());
-    }
-    let (outcome_tx, outcome) = tokio::sync::oneshot::channel();
-    std::thread::Builder::new()
-        .name("launch-report".into())
-        .spawn(move || {
-            let _ = outcome_tx.send(read_report(report_rx));
-        })
-        .map_err(|e| format!("spawn report reader: {e}"))?;
-    // The handle is kept (never waited on) until the monitor reports the
-    // exit: a dropped tokio Child joins tokio's orphan reaper, which could
-    // collect the status before the shim's reaper and so hide the exit.
-    Ok((pid, sub, child, outcome))
-}
-
-/// Reads the launcher's report pipe to its end: nothing means the proxy was
-/// executed (the close-on-exec write end closed), a line is the failure.
-fn read_report(pipe: std::os::fd::OwnedFd) -> Option<LaunchFailure> {
-    use std::io::Read;
-    let mut text = String::new();
-    let _ = std::fs::File::from(pipe)
-        .take(64 * 1024)
-        .read_to_string(&mut text);
-    let line = text.lines().next()?.trim();
-    if line.is_empty() {
-        return None;
-    }
-    Some(
-        serde_json::from_str(line).unwrap_or_else(|_| LaunchFailure {
-            exec: false,
-            errno: None,
-            message: line.to_string(),
-        }),
-    )
 }
 
 fn save(rec: &Record, paths: &Paths) {
     if let Err(e) = rec.save(paths) {
-        tracing::warn!("write {}: {e}", paths.record().display());
+        warn!("write {}: {e}", paths.record().display());
     }
 }
 
@@ -271,17 +155,34 @@ fn refresh_token(token: &Option<(PathBuf, PathBuf, Duration)>, uid: u32, gid: u3
     if let Some((from, to, _)) = token
         && let Err(e) = super::token::copy(from, to, uid, gid)
     {
-        tracing::warn!("refresh service-account token from {}: {e}", from.display());
+        warn!("refresh service-account token from {}: {e}", from.display());
     }
 }
 
+fn now() -> String {
+    crilog::timestamp(OffsetDateTime::now_utc())
+}
+
+/// The supervisor's loop state besides the plan.
+struct Run {
+    plan: ProxyPlan,
+    sink: LogSink,
+    state: watch::Sender<ProxyState>,
+    /// Listeners kept for the next proxy (see the module comment).
+    held: Held,
+    /// A binary that already failed to take over this pod: not retried
+    /// until the file changes again.
+    failed_binary: Option<String>,
+    /// Old proxies draining after a handover; each yields its exit.
+    draining: JoinSet<ExitRecord>,
+}
+
 async fn run(
-    mut plan: ProxyPlan,
+    plan: ProxyPlan,
     state: watch::Sender<ProxyState>,
     first: FirstStart,
     mut stop: watch::Receiver<bool>,
 ) {
-    let sink = open_log(&plan.log_file);
     let (uid, gid) = (plan.launch.uid, plan.launch.gid);
     let token_every = plan
         .token
@@ -289,85 +190,110 @@ async fn run(
         .map_or(Duration::from_secs(3600), |t| t.2);
     let mut token_tick = tokio::time::interval(token_every);
     token_tick.tick().await;
+    let mut upgrade_tick = tokio::time::interval(plan.upgrade.check_interval);
+    upgrade_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    upgrade_tick.tick().await;
+    let mut r = Run {
+        sink: spawn::open_log(&plan.log_file),
+        plan,
+        state,
+        held: Held::default(),
+        failed_binary: None,
+        draining: JoinSet::new(),
+    };
     loop {
         if *stop.borrow() {
             break;
         }
-        state.send_replace(ProxyState::Starting);
-        let started = Instant::now();
-        let (pid, sub, child, outcome) = match spawn(&plan.launch, &sink).await {
-            Ok(x) => x,
+        r.state.send_replace(ProxyState::Starting);
+        let mut cur = match spawn::spawn(&r.plan.launch, &r.sink, &r.held).await {
+            Ok(p) => p,
             Err(e) => {
-                tracing::error!("proxy: {e}");
+                error!("proxy: {e}");
                 settle_first(&first, Ok(()));
-                state.send_replace(ProxyState::SpawnFailed(e));
-                let delay = plan.backoff.after_run(Duration::ZERO);
+                r.state.send_replace(ProxyState::SpawnFailed(e));
+                let delay = r.plan.backoff.after_run(Duration::ZERO);
                 if sleep_or_stop(delay, &mut stop).await {
                     break;
                 }
                 continue;
             }
         };
-        let failure = match tokio::time::timeout(FIRST_START_WAIT, outcome).await {
-            Ok(Ok(failure)) => failure,
-            _ => None,
-        };
-        if let Some(f) = failure {
-            tracing::error!(pid, permanent = f.is_permanent(), "proxy: {}", f.message);
-            plan.record.state = format!("failed to start: {}", f.message);
-            save(&plan.record, &plan.paths);
+        let pid = cur.pid;
+        if let Some(f) = cur.launched(FIRST_START_WAIT).await {
+            error!(pid, permanent = f.is_permanent(), "proxy: {}", f.message);
+            r.plan.record.state = format!("failed to start: {}", f.message);
+            save(&r.plan.record, &r.plan.paths);
             settle_first(&first, Err(f.clone()));
-            state.send_replace(ProxyState::LaunchFailed(f));
+            r.state.send_replace(ProxyState::LaunchFailed(f));
         } else {
-            tracing::info!(pid, "proxy started");
-            plan.record.proxy_pid = Some(pid);
-            plan.record.proxy_start_time = record::start_time(pid);
-            plan.record.state = "running".into();
-            save(&plan.record, &plan.paths);
+            info!(pid, "proxy started");
+            r.running(&cur);
             settle_first(&first, Ok(()));
-            state.send_replace(ProxyState::Running { pid });
         }
 
-        let exit = wait_exit(pid, sub);
-        tokio::pin!(exit);
         let code = loop {
             tokio::select! {
-                code = &mut exit => break code,
-                _ = token_tick.tick() => refresh_token(&plan.token, uid, gid),
+                code = &mut cur.exit => break code,
+                ev = spawn::next_event(&mut cur.events) => r.on_event(&mut cur, ev),
+                Some(done) = r.draining.join_next(), if !r.draining.is_empty() => {
+                    if let Ok(exit) = done {
+                        r.plan.record.push_exit(exit);
+                        save(&r.plan.record, &r.plan.paths);
+                    }
+                }
+                _ = token_tick.tick() => refresh_token(&r.plan.token, uid, gid),
+                _ = upgrade_tick.tick(), if r.plan.upgrade.enabled => {
+                    match r.maybe_upgrade(&mut cur, &mut stop).await {
+                        Some(Handover::CurrentExited(code)) => break code,
+                        Some(Handover::Stopping) | Some(Handover::Done) | Some(Handover::Failed) | None => {}
+                    }
+                }
                 _ = stopped(&mut stop) => {
-                    tracing::info!(pid, grace = ?plan.drain, "draining proxy");
-                    let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
-                    match tokio::time::timeout(plan.drain, &mut exit).await {
+                    // The ports close with the proxy's own listeners, so
+                    // connections during the drain are refused as before.
+                    r.held = Held::default();
+                    info!(pid = cur.pid, grace = ?r.plan.drain, "draining proxy");
+                    let _ = kill(Pid::from_raw(cur.pid), Signal::SIGTERM);
+                    match tokio::time::timeout(r.plan.drain, &mut cur.exit).await {
                         Ok(code) => break code,
                         Err(_) => {
-                            tracing::warn!(pid, "proxy did not exit within the drain grace; killing it");
-                            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-                            break exit.await;
+                            warn!(pid = cur.pid, "proxy did not exit within the drain grace; killing it");
+                            let _ = kill(Pid::from_raw(cur.pid), Signal::SIGKILL);
+                            break (&mut cur.exit).await;
                         }
                     }
                 }
             }
         };
-        drop(child);
-        let ran = started.elapsed();
-        plan.record.push_exit(ExitRecord {
-            at: crilog::timestamp(OffsetDateTime::now_utc()),
+        let pid = cur.pid;
+        let ran = cur.started.elapsed();
+        r.plan.record.push_exit(ExitRecord {
+            at: now(),
             pid,
             code,
             ran_ms: ran.as_millis() as u64,
         });
-        plan.record.proxy_pid = None;
-        plan.record.proxy_start_time = None;
+        r.plan.record.proxy_pid = None;
+        r.plan.record.proxy_start_time = None;
         if *stop.borrow() {
-            tracing::info!(pid, code, "proxy stopped");
+            info!(pid, code, "proxy stopped");
             break;
         }
-        plan.record.restarts += 1;
-        let delay = plan.backoff.after_run(ran);
-        tracing::warn!(pid, code, ran = ?ran, restart_in = ?delay, restarts = plan.record.restarts, "proxy exited; restarting");
-        plan.record.state = format!("exited with status {code}; restarting");
-        save(&plan.record, &plan.paths);
-        state.send_replace(ProxyState::Exited {
+        if cur.ready.is_none() && !r.held.is_empty() {
+            warn!(
+                pid,
+                "proxy exited before it was ready; releasing its ports (connections are refused until a proxy is back)"
+            );
+            r.held = Held::default();
+        }
+        drop(cur);
+        r.plan.record.restarts += 1;
+        let delay = r.plan.backoff.after_run(ran);
+        warn!(pid, code, ran = ?ran, restart_in = ?delay, restarts = r.plan.record.restarts, "proxy exited; restarting");
+        r.plan.record.state = format!("exited with status {code}; restarting");
+        save(&r.plan.record, &r.plan.paths);
+        r.state.send_replace(ProxyState::Exited {
             pid,
             code,
             retry_in: delay,
@@ -376,9 +302,210 @@ async fn run(
             break;
         }
     }
-    plan.record.state = "stopped".into();
-    save(&plan.record, &plan.paths);
-    state.send_replace(ProxyState::Stopped);
+    r.held = Held::default();
+    while let Some(done) = r.draining.join_next().await {
+        if let Ok(exit) = done {
+            r.plan.record.push_exit(exit);
+        }
+    }
+    r.plan.record.state = "stopped".into();
+    save(&r.plan.record, &r.plan.paths);
+    r.state.send_replace(ProxyState::Stopped);
+}
+
+/// How a handover attempt ended.
+enum Handover {
+    /// The new proxy serves; the old one drains.
+    Done,
+    /// The new proxy was stopped; the old one keeps serving.
+    Failed,
+    /// The old proxy exited meanwhile (status); the new one was stopped.
+    CurrentExited(i32),
+    /// The pod is stopping; the new proxy was stopped.
+    Stopping,
+}
+
+impl Run {
+    /// Records `p` as the pod's running proxy.
+    fn running(&mut self, p: &Proxy) {
+        let rec = &mut self.plan.record;
+        rec.proxy_pid = Some(p.pid);
+        rec.proxy_start_time = record::start_time(p.pid);
+        rec.proxy_version = p.ready.as_ref().map(|r| r.0.clone());
+        rec.proxy_binary = p.ready.as_ref().map(|r| r.1.clone());
+        rec.state = "running".into();
+        save(rec, &self.plan.paths);
+        self.state.send_replace(ProxyState::Running { pid: p.pid });
+    }
+
+    fn on_event(&mut self, p: &mut Proxy, ev: Event) {
+        match ev {
+            Event::Listeners(held) => {
+                info!(pid = p.pid, listeners = %held.names(), "holding the proxy's listeners");
+                self.held = held;
+            }
+            Event::Ready { version, binary } => {
+                info!(pid = p.pid, %version, %binary, "proxy ready");
+                p.ready = Some((version, binary));
+                self.running(p);
+            }
+        }
+    }
+
+    /// On the upgrade tick: hands over to the file at `proxy.binary` when
+    /// it is not what the current proxy runs, a node slot is free, and the
+    /// current proxy holds handed-over listeners (else there is nothing to
+    /// hand over without closing the ports).
+    async fn maybe_upgrade(
+        &mut self,
+        cur: &mut Proxy,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Option<Handover> {
+        let running = cur.ready.as_ref()?.1.clone();
+        if self.held.is_empty() {
+            return None;
+        }
+        let binary = &self.plan.launch.binary;
+        let on_disk = upgrade::identity_of(binary).ok()?;
+        if on_disk == running || self.failed_binary.as_deref() == Some(on_disk.as_str()) {
+            return None;
+        }
+        let slot = match upgrade::try_slot(
+            &self.plan.launch.state_root,
+            self.plan.upgrade.max_concurrent,
+        ) {
+            Ok(Some(slot)) => slot,
+            Ok(None) => {
+                info!(
+                    pid = cur.pid,
+                    "new proxy binary; waiting for a free upgrade slot on this node"
+                );
+                return None;
+            }
+            Err(e) => {
+                warn!(
+                    "upgrade slots under {}: {e}",
+                    self.plan.launch.state_root.display()
+                );
+                return None;
+            }
+        };
+        info!(pid = cur.pid, from = %running, to = %on_disk, slot = slot.index, "new proxy binary: handing over");
+        let outcome = self.hand_over(cur, stop, &on_disk).await;
+        drop(slot);
+        Some(outcome)
+    }
+
+    async fn hand_over(
+        &mut self,
+        cur: &mut Proxy,
+        stop: &mut watch::Receiver<bool>,
+        on_disk: &str,
+    ) -> Handover {
+        let mut new = match spawn::spawn(&self.plan.launch, &self.sink, &self.held).await {
+            Ok(p) => p,
+            Err(e) => return self.upgrade_failed(cur, on_disk, format!("could not start it: {e}")),
+        };
+        let timeout = tokio::time::sleep(self.plan.upgrade.ready_timeout);
+        tokio::pin!(timeout);
+        let failure = loop {
+            tokio::select! {
+                code = &mut cur.exit => {
+                    stop_new(&mut new).await;
+                    warn!(pid = cur.pid, code, "the old proxy exited during the handover; restarting");
+                    return Handover::CurrentExited(code);
+                }
+                code = &mut new.exit => {
+                    let why = match new.launched(Duration::from_millis(200)).await {
+                        Some(f) => f.message,
+                        None => format!("it exited with status {code} before it was ready"),
+                    };
+                    return self.upgrade_failed(cur, on_disk, why);
+                }
+                ev = spawn::next_event(&mut new.events) => match ev {
+                    Event::Listeners(held) => self.held = held,
+                    Event::Ready { version, binary } => {
+                        new.ready = Some((version, binary));
+                        break None;
+                    }
+                },
+                _ = &mut timeout => break Some(format!(
+                    "it was not ready within {:?} (upgrade.ready_timeout)",
+                    self.plan.upgrade.ready_timeout
+                )),
+                _ = stopped(stop) => {
+                    stop_new(&mut new).await;
+                    return Handover::Stopping;
+                }
+            }
+        };
+        if let Some(why) = failure {
+            stop_new(&mut new).await;
+            return self.upgrade_failed(cur, on_disk, why);
+        }
+        // The new proxy serves: the old one stops accepting everywhere and
+        // drains (see sidetunnel_contract::handover).
+        let old = std::mem::replace(cur, new);
+        let (old_version, _) = old.ready.clone().unwrap_or_default();
+        let (version, binary) = cur.ready.clone().unwrap_or_default();
+        let _ = kill(Pid::from_raw(old.pid), Signal::SIGUSR1);
+        let grace = self.plan.drain + DRAIN_MARGIN;
+        self.draining.spawn(drain_old(old, grace));
+        let rec = &mut self.plan.record;
+        rec.upgrades += 1;
+        rec.last_upgrade = Some(format!(
+            "{}: handed over from pid {} (version {old_version}) to pid {} (version {version}, binary {binary})",
+            now(),
+            rec.proxy_pid.unwrap_or_default(),
+            cur.pid
+        ));
+        info!(pid = cur.pid, %version, %binary, "proxy upgraded");
+        self.failed_binary = None;
+        self.running(cur);
+        Handover::Done
+    }
+
+    fn upgrade_failed(&mut self, cur: &Proxy, on_disk: &str, why: String) -> Handover {
+        error!(pid = cur.pid, binary = %on_disk, "proxy upgrade failed, the running proxy keeps serving: {why}");
+        self.failed_binary = Some(on_disk.to_string());
+        self.plan.record.last_upgrade = Some(format!(
+            "{}: upgrade to {} (binary {on_disk}) failed: {why}; pid {} keeps serving",
+            now(),
+            self.plan.launch.binary.display(),
+            cur.pid
+        ));
+        save(&self.plan.record, &self.plan.paths);
+        Handover::Failed
+    }
+}
+
+/// Kills a new proxy that will not take over, and waits for its exit.
+async fn stop_new(new: &mut Proxy) {
+    let _ = kill(Pid::from_raw(new.pid), Signal::SIGKILL);
+    let _ = tokio::time::timeout(Duration::from_secs(10), &mut new.exit).await;
+}
+
+/// Waits for a handed-over proxy to finish draining, killing it after
+/// `grace`.
+async fn drain_old(mut old: Proxy, grace: Duration) -> ExitRecord {
+    let code = match tokio::time::timeout(grace, &mut old.exit).await {
+        Ok(code) => code,
+        Err(_) => {
+            warn!(
+                pid = old.pid,
+                "old proxy still draining after {grace:?}; killing it"
+            );
+            let _ = kill(Pid::from_raw(old.pid), Signal::SIGKILL);
+            (&mut old.exit).await
+        }
+    };
+    info!(pid = old.pid, code, "old proxy exited after the handover");
+    ExitRecord {
+        at: now(),
+        pid: old.pid,
+        code,
+        ran_ms: old.started.elapsed().as_millis() as u64,
+    }
 }
 
 /// The first start's outcome (see [`Supervisor::first_start`]): the first

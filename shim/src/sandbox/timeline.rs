@@ -12,8 +12,9 @@ const FILE: &str = "start.json";
 
 /// One step: `create` (the shim got the sandbox's create), `rules`
 /// (redirection installed), `sandbox` (the OCI runtime created the
-/// sandbox), `proxy_exec` (the proxy was executed), `ready` (an app
-/// container's start saw the proxy ready and was let through).
+/// sandbox), `proxy_exec` (the proxy was executed), `app_start` (the first
+/// app container's start arrived and began waiting for the proxy), `ready`
+/// (an app container's start saw the proxy ready and was let through).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Phase {
     pub name: String,

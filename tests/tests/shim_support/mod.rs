@@ -6,7 +6,7 @@
 //! process attributes and metrics, and what a removed pod may not leave.
 #![allow(dead_code)]
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
+use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -68,6 +68,11 @@ pub struct Cluster {
     /// The shim's node config file, and the `[runtime]` TOML it was given.
     config: PathBuf,
     runtime: String,
+    /// More node config TOML (whole tables, e.g. `[upgrade]`).
+    extra: String,
+    /// The node's proxy binary: a copy of the build's, so a test can
+    /// replace it (an upgrade) without touching the build.
+    pub proxy: PathBuf,
     workloads: Mutex<Vec<Workload>>,
     /// Services (and ServiceEntries) published with the workloads.
     services: Mutex<Vec<Service>>,
@@ -110,6 +115,7 @@ impl Cluster {
         let state_root = node.dir().join("state");
         std::fs::create_dir_all(&state_root)?;
         let config = node.dir().join("node-config.toml");
+        let proxy = node.dir().join("bin").join("sidetunnel-proxy");
         let h = Containerd::start_with_images(Options {
             sidetunnel_shim: Some(bins::path(SHIM)),
             sidetunnel_config: Some(config.clone()),
@@ -123,14 +129,40 @@ impl Cluster {
             state_root,
             config,
             runtime: runtime.to_owned(),
+            extra: String::new(),
+            proxy,
             workloads: Mutex::new(Vec::new()),
             services: Mutex::new(Vec::new()),
         };
+        c.install_proxy(&bins::path("sidetunnel-proxy"))?;
         // The shim reads the node config at every pod's first call, so it
         // may be written after containerd starts (meshd's address is known
         // only now).
-        c.write_node_config(&bins::path("sidetunnel-proxy"))?;
+        c.write_node_config(&c.proxy)?;
         Ok(c)
+    }
+
+    /// Installs `from` as the node's proxy binary the way a package
+    /// manager does: a new file renamed over the old one.
+    pub fn install_proxy(&self, from: &Path) -> Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = self
+            .proxy
+            .parent()
+            .context("proxy path without a directory")?;
+        std::fs::create_dir_all(dir)?;
+        let tmp = dir.join(".sidetunnel-proxy.new");
+        std::fs::copy(from, &tmp).with_context(|| format!("copy {}", from.display()))?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))?;
+        std::fs::rename(&tmp, &self.proxy)?;
+        Ok(())
+    }
+
+    /// Adds whole tables to the node config (rewritten now, with the
+    /// node's proxy binary); pods started from now on see them.
+    pub fn set_extra_config(&mut self, toml: &str) -> Result<()> {
+        self.extra = toml.to_owned();
+        self.write_node_config(&self.proxy.clone())
     }
 
     /// (Re)writes the node config with `proxy_binary`; pods started from
@@ -147,6 +179,9 @@ impl Cluster {
         )?;
         if !self.runtime.is_empty() {
             text += &format!("\n[runtime]\n{}\n", self.runtime);
+        }
+        if !self.extra.is_empty() {
+            text += &format!("\n{}\n", self.extra);
         }
         std::fs::write(&self.config, text)?;
         Ok(())
@@ -420,21 +455,6 @@ pub async fn metrics_via(cri: &mut Cri, container: &str) -> Result<Vec<metrics::
         out.stderr.trim()
     );
     Ok(metrics::parse(&out.stdout))
-}
-
-/// Listens on `port` inside `netns` (0.0.0.0), from a thread that entered
-/// it: the socket stays in that netns. Used to hold a proxy port so a
-/// restarted proxy cannot start.
-pub fn listen_in_netns(netns: &Path, port: u16) -> Result<TcpListener> {
-    let netns = netns.to_owned();
-    std::thread::spawn(move || -> Result<TcpListener> {
-        let ns = std::fs::File::open(&netns)?;
-        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)?;
-        TcpListener::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)))
-            .with_context(|| format!("binding port {port} in {}", netns.display()))
-    })
-    .join()
-    .map_err(|_| anyhow::anyhow!("netns thread panicked"))?
 }
 
 /// App port of the counting server.

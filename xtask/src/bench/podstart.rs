@@ -56,7 +56,14 @@ const NAMESPACE: &str = "podstart";
 const COST_SETTLE: Duration = Duration::from_secs(2);
 const SERVICE_ACCOUNT: &str = "bench";
 /// Shim phases in start order (see shim/src/sandbox/timeline.rs).
-const SHIM_PHASES: &[&str] = &["create", "rules", "sandbox", "proxy_exec", "ready"];
+const SHIM_PHASES: &[&str] = &[
+    "create",
+    "rules",
+    "sandbox",
+    "proxy_exec",
+    "app_start",
+    "ready",
+];
 
 /// One pod's start.
 #[derive(Debug, Clone, Default)]
@@ -445,6 +452,19 @@ impl Report {
                 format!("{label}: RunPodSandbox returned"),
                 Self::column(set, RUNC, |s| Some(s.sandbox)),
                 Self::column(set, SIDETUNNEL, |s| Some(s.sandbox)),
+            ));
+            // Per pod, how long the gate held the app's start for the
+            // proxy: the proxy's share of the critical path.
+            rows.push((
+                format!("{label}: sidetunnel app start held for the proxy (`ready` − `app_start`)"),
+                None,
+                Self::column(set, SIDETUNNEL, |s| {
+                    Some(
+                        s.phases
+                            .get("ready")?
+                            .saturating_sub(*s.phases.get("app_start")?),
+                    )
+                }),
             ));
             if label == "sequential" {
                 for phase in SHIM_PHASES
