@@ -335,7 +335,7 @@ fn memory_budget_bounds_peak_rss_under_100_bulk_streams() {
     if !gate(t) {
         return;
     }
-    const BUDGET_MIB: u64 = 16;
+    const BUDGET_MIB: u64 = 24;
     let mut o = Options::new(bin_dir());
     o.log_level = "warn".into();
     o.proxy_args = vec![format!("--memory-budget={BUDGET_MIB}MiB")];

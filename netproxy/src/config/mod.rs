@@ -291,6 +291,16 @@ impl Default for Limits {
 }
 
 impl Limits {
+    /// Whether explicit flags set a buffer limit above what
+    /// `memory_budget` pays for: the proxy may then grow past its budget
+    /// under bulk load (the start logs a warning).
+    pub fn exceeds_budget(&self) -> bool {
+        let shares = BufferShares::of(self.memory_budget);
+        self.copy_buffer_budget > shares.copy_buffer_budget
+            || self.stream_window > shares.stream_window
+            || self.connection_window > shares.connection_window
+    }
+
     /// `max_connections` and the buffer limits `memory_budget` pays for.
     pub fn within(memory_budget: u64, max_connections: usize) -> Self {
         let shares = BufferShares::of(memory_budget);

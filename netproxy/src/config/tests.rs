@@ -413,6 +413,17 @@ fn memory_budget_derives_the_buffer_limits() {
     assert_eq!(c.limits.connection_window, 16 << 20);
     assert_eq!(c.limits.copy_buffer_budget, 32 << 20);
     assert_eq!(c.limits.stream_window, small.stream_window);
+    assert!(c.limits.exceeds_budget());
+    assert!(!small.exceeds_budget() && !old.exceeds_budget());
+    // Smaller explicit limits stay within the budget.
+    let c = parse(&[
+        "--copy-buffer-budget",
+        "1MiB",
+        "--h2-stream-window",
+        "256KiB",
+    ])
+    .unwrap();
+    assert!(!c.limits.exceeds_budget());
 }
 
 #[test]
