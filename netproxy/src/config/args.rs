@@ -13,8 +13,9 @@ use sidetunnel_contract as contract;
 
 use super::parse::{duration_or, parse_mark, parse_size, string_or_int};
 use super::{
-    CertSource, Config, ConfigError, DnsSettings, Endpoint, InboundPolicy, Limits, LogFormat,
-    MAX_CONNECTIONS_CAP, MAX_COPY_BUFFER_BUDGET, PodIdentity, PoolConfig, Ports, XdsMode,
+    CertSource, Config, ConfigError, DEFAULT_MEMORY_BUDGET, DnsSettings, Endpoint, InboundPolicy,
+    Limits, LogFormat, MAX_CONNECTIONS_CAP, MAX_COPY_BUFFER_BUDGET, MAX_MEMORY_BUDGET,
+    MIN_MEMORY_BUDGET, PodIdentity, PoolConfig, Ports, XdsMode,
 };
 
 /// Settings of `sidetunnel-proxy run`. Every flag also reads the environment
@@ -230,8 +231,21 @@ pub struct ProxyArgs {
     /// HBONE streams); more are refused at once [default: 16384].
     #[arg(long, env = "SIDETUNNEL_MAX_CONNECTIONS", help_heading = "Limits")]
     pub max_connections: Option<usize>,
+    /// Memory the proxy should stay within (RSS); the defaults of the
+    /// HTTP/2 windows and the copy-buffer budget are derived from it so
+    /// that bulk traffic waits instead of being buffered past it
+    /// [default: 32MiB].
+    #[arg(
+        long,
+        env = "SIDETUNNEL_MEMORY_BUDGET",
+        value_name = "SIZE",
+        help_heading = "Limits"
+    )]
+    #[serde(default, deserialize_with = "string_or_int")]
+    pub memory_budget: Option<String>,
     /// HTTP/2 receive window per HBONE stream: the most data one tunnelled
-    /// connection may have buffered in the proxy [default: 4MiB].
+    /// connection may have buffered in the proxy [default: a share of
+    /// --memory-budget, 1MiB for 32MiB].
     #[arg(
         long,
         env = "SIDETUNNEL_H2_STREAM_WINDOW",
@@ -241,7 +255,7 @@ pub struct ProxyArgs {
     #[serde(default, deserialize_with = "string_or_int")]
     pub h2_stream_window: Option<String>,
     /// HTTP/2 receive window per HBONE connection, shared by its streams
-    /// [default: 16MiB].
+    /// [default: a share of --memory-budget, 4MiB for 32MiB].
     #[arg(
         long,
         env = "SIDETUNNEL_H2_CONNECTION_WINDOW",
@@ -252,7 +266,8 @@ pub struct ProxyArgs {
     pub h2_connection_window: Option<String>,
     /// Bytes all bulk copy buffers above 16 KiB may hold together; as more
     /// connections move bulk data, each gets smaller chunks. `0` keeps
-    /// every connection at 16 KiB chunks [default: 32MiB].
+    /// every connection at 16 KiB chunks [default: a share of
+    /// --memory-budget, 8MiB for 32MiB].
     #[arg(
         long,
         env = "SIDETUNNEL_COPY_BUFFER_BUDGET",
@@ -357,9 +372,9 @@ impl ProxyArgs {
             roots_file, outbound_port, inbound_plaintext_port, hbone_port, metrics_port,
             readiness_port, mark, admin_socket, drain_grace_period, connect_timeout,
             on_demand_timeout, pool_max_streams, pool_idle_timeout, worker_threads, log_format, log_level,
-            inbound_policy, xds_idle_timeout, max_connections, h2_stream_window,
-            h2_connection_window, copy_buffer_budget, dns_proxy, dns_port, dns_resolv_conf,
-            dns_cluster_domain, dns_on_demand_timeout;
+            inbound_policy, xds_idle_timeout, max_connections, memory_budget,
+            h2_stream_window, h2_connection_window, copy_buffer_budget, dns_proxy, dns_port,
+            dns_resolv_conf, dns_cluster_domain, dns_on_demand_timeout;
             pod_ips, probe_sources, xds_prefetch)
     }
 
@@ -498,6 +513,7 @@ impl ProxyArgs {
         }
 
         let limits = resolve_limits(
+            self.memory_budget,
             self.max_connections,
             self.h2_stream_window,
             self.h2_connection_window,
@@ -606,15 +622,31 @@ fn resolve_dns(
     }))
 }
 
-/// `--max-connections`, the HTTP/2 windows and the copy-buffer budget,
-/// validated.
+/// `--memory-budget`, `--max-connections`, the HTTP/2 windows and the
+/// copy-buffer budget, validated; unset windows and copy budget are the
+/// memory budget's shares.
 fn resolve_limits(
+    memory_budget: Option<String>,
     max_connections: Option<usize>,
     stream_window: Option<String>,
     connection_window: Option<String>,
     copy_buffer_budget: Option<String>,
 ) -> Result<Limits, ConfigError> {
-    let d = Limits::default();
+    let memory_budget = match memory_budget {
+        None => DEFAULT_MEMORY_BUDGET,
+        Some(s) => {
+            let n = parse_size(&s).map_err(|e| ConfigError::invalid("memory-budget", &s, e))?;
+            if !(MIN_MEMORY_BUDGET..=MAX_MEMORY_BUDGET).contains(&n) {
+                return Err(ConfigError::invalid(
+                    "memory-budget",
+                    &s,
+                    "must be 16MiB ..= 64GiB",
+                ));
+            }
+            n
+        }
+    };
+    let d = Limits::within(memory_budget, Limits::default().max_connections);
     let max_connections = max_connections.unwrap_or(d.max_connections);
     if !(1..=MAX_CONNECTIONS_CAP).contains(&max_connections) {
         return Err(ConfigError::invalid(
@@ -638,10 +670,12 @@ fn resolve_limits(
         Ok(n as u32)
     };
     let stream_window = window("h2-stream-window", stream_window, d.stream_window)?;
+    // A derived connection window never refuses an explicit stream window:
+    // it grows to hold one stream.
     let connection_window = window(
         "h2-connection-window",
         connection_window,
-        d.connection_window,
+        d.connection_window.max(stream_window),
     )?;
     if connection_window < stream_window {
         return Err(ConfigError::invalid(
@@ -666,6 +700,7 @@ fn resolve_limits(
         }
     };
     Ok(Limits {
+        memory_budget,
         max_connections,
         stream_window,
         connection_window,

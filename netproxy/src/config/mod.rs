@@ -22,9 +22,76 @@ pub use parse::{parse_duration, parse_mark, parse_size};
 /// Default idle time after which an on-demand destination is dropped.
 pub const DEFAULT_XDS_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 
-/// Default budget of grown copy buffers: 32 MiB, enough for 64 directions
-/// at the largest chunk (two 256 KiB buffers each).
-pub const DEFAULT_COPY_BUFFER_BUDGET: usize = 32 << 20;
+/// Default `--memory-budget`: half of a 64 MiB pod, so a pod that small
+/// keeps the other half for its app.
+pub const DEFAULT_MEMORY_BUDGET: u64 = 32 << 20;
+
+/// Part of the memory budget that traffic does not buy: the resident
+/// binary, runtime, threads and an idle connection table (5.5–6 MiB for a
+/// release proxy at idle, docs/performance.md "Memory") with some room.
+pub const MEMORY_BUDGET_RESERVE: u64 = 8 << 20;
+
+/// Smallest accepted `--memory-budget`: the reserve plus 8 MiB of buffers
+/// (below that the derived windows hit HTTP/2's 64 KiB floor and the
+/// budget could no longer be kept).
+pub const MIN_MEMORY_BUDGET: u64 = 16 << 20;
+
+/// Default budget of grown copy buffers: the share of the default memory
+/// budget (8 MiB, 16 directions at the largest chunk).
+pub const DEFAULT_COPY_BUFFER_BUDGET: usize =
+    BufferShares::of(DEFAULT_MEMORY_BUDGET).copy_buffer_budget as usize;
+
+/// The buffer limits a memory budget pays for (explicit flags override
+/// each). What the budget minus [`MEMORY_BUDGET_RESERVE`] buys is split so
+/// that the proxy's three growing parts fit in two thirds of it, leaving a
+/// third for the 16 KiB chunks of streams kept small, copy chunks pinned by
+/// h2's send queue, and allocator slack:
+///
+/// * a third to the copy buffers (`copy_buffer_budget`), the sending
+///   side's reads from local sockets;
+/// * a sixth to the HTTP/2 connection window: what this proxy buffers
+///   received from one HBONE connection, and — both proxies of a mesh run
+///   the same defaults — what the peer lets it queue for sending on one;
+/// * the stream window a quarter of that, so one stream cannot fill the
+///   connection's window alone.
+///
+/// The windows are capped at ztunnel's (4 MiB / 16 MiB): a budget of
+/// 104 MiB or more gives the previous defaults (32 MiB copy budget,
+/// 4 MiB / 16 MiB windows). The bound holds per HBONE connection: 100
+/// streams to one destination share one (`--pool-max-streams`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BufferShares {
+    pub copy_buffer_budget: u64,
+    pub stream_window: u32,
+    pub connection_window: u32,
+}
+
+impl BufferShares {
+    /// The shares of `budget` (at least [`MIN_MEMORY_BUDGET`], at most
+    /// [`MAX_MEMORY_BUDGET`]; the resolver checks before calling).
+    pub const fn of(budget: u64) -> BufferShares {
+        const WINDOW_STEP: u64 = 64 << 10;
+        let buffers = budget.saturating_sub(MEMORY_BUDGET_RESERVE);
+        let connection = clamp(buffers / 6 / WINDOW_STEP * WINDOW_STEP, 256 << 10, 16 << 20);
+        // 64 KiB: above HTTP/2's 65,535-byte floor for a window.
+        let stream = clamp(connection / 4, WINDOW_STEP, 4 << 20);
+        BufferShares {
+            copy_buffer_budget: buffers / 3,
+            stream_window: stream as u32,
+            connection_window: connection as u32,
+        }
+    }
+}
+
+const fn clamp(v: u64, lo: u64, hi: u64) -> u64 {
+    if v < lo {
+        lo
+    } else if v > hi {
+        hi
+    } else {
+        v
+    }
+}
 
 /// Errors found while loading or validating the configuration.
 #[derive(Debug, thiserror::Error)]
@@ -208,6 +275,9 @@ pub const MAX_CONNECTIONS_CAP: usize = 1 << 20;
 /// arithmetic with room; far beyond one pod's memory).
 pub const MAX_COPY_BUFFER_BUDGET: u64 = 64 << 30;
 
+/// Largest accepted `--memory-budget` (same reason).
+pub const MAX_MEMORY_BUDGET: u64 = 64 << 30;
+
 /// Resource bounds. Worst-case memory of one proxied connection is about
 /// one stream window (data received from the peer proxy, not yet written
 /// to the local socket) plus the copy path's buffers (at most
@@ -217,6 +287,9 @@ pub const MAX_COPY_BUFFER_BUDGET: u64 = 64 << 30;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Limits {
+    /// What the proxy's memory (RSS) should stay within; the defaults of
+    /// the three fields below are derived from it ([`BufferShares`]).
+    pub memory_budget: u64,
     /// Most proxied connections held at once; more are refused.
     pub max_connections: usize,
     /// HTTP/2 receive window of one HBONE stream (bytes).
@@ -228,14 +301,34 @@ pub struct Limits {
 }
 
 impl Default for Limits {
-    /// 16384 connections; ztunnel's windows (4 MiB per stream, 16 MiB per
-    /// connection); a 32 MiB copy-buffer budget.
+    /// 16384 connections; windows and copy-buffer budget as a 32 MiB
+    /// memory budget pays for (1 MiB per stream, 4 MiB per connection,
+    /// 8 MiB of grown copy buffers).
     fn default() -> Self {
+        Limits::within(DEFAULT_MEMORY_BUDGET, 16384)
+    }
+}
+
+impl Limits {
+    /// Whether explicit flags set a buffer limit above what
+    /// `memory_budget` pays for: the proxy may then grow past its budget
+    /// under bulk load (the start logs a warning).
+    pub fn exceeds_budget(&self) -> bool {
+        let shares = BufferShares::of(self.memory_budget);
+        self.copy_buffer_budget > shares.copy_buffer_budget
+            || self.stream_window > shares.stream_window
+            || self.connection_window > shares.connection_window
+    }
+
+    /// `max_connections` and the buffer limits `memory_budget` pays for.
+    pub fn within(memory_budget: u64, max_connections: usize) -> Self {
+        let shares = BufferShares::of(memory_budget);
         Limits {
-            max_connections: 16384,
-            stream_window: 4 << 20,
-            connection_window: 16 << 20,
-            copy_buffer_budget: DEFAULT_COPY_BUFFER_BUDGET as u64,
+            memory_budget,
+            max_connections,
+            stream_window: shares.stream_window,
+            connection_window: shares.connection_window,
+            copy_buffer_budget: shares.copy_buffer_budget,
         }
     }
 }

@@ -274,10 +274,11 @@ fn xds_scoping_flags_parse_and_validate() {
 fn limits_default_parse_and_validate() {
     let c = parse(&[]).unwrap();
     assert_eq!(c.limits, Limits::default());
+    assert_eq!(c.limits.memory_budget, 32 << 20);
     assert_eq!(c.limits.max_connections, 16384);
-    assert_eq!(c.limits.stream_window, 4 << 20);
-    assert_eq!(c.limits.connection_window, 16 << 20);
-    assert_eq!(c.limits.copy_buffer_budget, 32 << 20);
+    assert_eq!(c.limits.stream_window, 1 << 20);
+    assert_eq!(c.limits.connection_window, 4 << 20);
+    assert_eq!(c.limits.copy_buffer_budget, 8 << 20);
 
     let c = parse(&[
         "--max-connections",
@@ -293,6 +294,7 @@ fn limits_default_parse_and_validate() {
     assert_eq!(
         c.limits,
         Limits {
+            memory_budget: 32 << 20,
             max_connections: 100,
             stream_window: 256 << 10,
             connection_window: 1 << 20,
@@ -302,6 +304,13 @@ fn limits_default_parse_and_validate() {
 
     for (args, flag, reason) in [
         (&["--max-connections", "0"][..], "max-connections", "1..="),
+        (&["--memory-budget", "8MiB"][..], "memory-budget", "16MiB"),
+        (&["--memory-budget", "65GiB"][..], "memory-budget", "64GiB"),
+        (
+            &["--memory-budget", "lots"][..],
+            "memory-budget",
+            "expected bytes",
+        ),
         (
             &["--copy-buffer-budget", "65GiB"][..],
             "copy-buffer-budget",
@@ -355,13 +364,75 @@ fn limits_default_parse_and_validate() {
     }
 }
 
+/// The windows and the copy-buffer budget follow `--memory-budget` unless
+/// set: sending (copy buffers, the peer's connection window) and receiving
+/// (own connection window) take two thirds of what the budget leaves after
+/// the reserve; 104 MiB gives back ztunnel's windows and the former 32 MiB
+/// copy budget; explicit flags win.
+#[test]
+fn memory_budget_derives_the_buffer_limits() {
+    for budget in [16u64 << 20, 32 << 20, 100 << 20, 1 << 30, 64 << 30] {
+        let c = parse(&["--memory-budget", &budget.to_string()]).unwrap();
+        let l = c.limits;
+        assert_eq!(l.memory_budget, budget);
+        let buffers = budget - MEMORY_BUDGET_RESERVE;
+        let growing = l.copy_buffer_budget + 2 * u64::from(l.connection_window);
+        assert!(
+            growing <= buffers * 2 / 3 || l.connection_window == 16 << 20,
+            "{budget}: {l:?}"
+        );
+        assert!(l.stream_window >= 65_535 && l.stream_window <= l.connection_window);
+        assert!(l.connection_window <= 16 << 20 && l.stream_window <= 4 << 20);
+    }
+    let old = parse(&["--memory-budget", "104MiB"]).unwrap().limits;
+    assert_eq!(
+        (
+            old.stream_window,
+            old.connection_window,
+            old.copy_buffer_budget
+        ),
+        (4 << 20, 16 << 20, 32 << 20)
+    );
+    let small = parse(&["--memory-budget", "16MiB"]).unwrap().limits;
+    assert!(small.connection_window < 4 << 20 && small.copy_buffer_budget < 8 << 20);
+
+    // An explicit stream window above the derived connection window pulls
+    // the derived one up instead of failing the start.
+    let c = parse(&["--memory-budget", "16MiB", "--h2-stream-window", "4MiB"]).unwrap();
+    assert_eq!(c.limits.stream_window, 4 << 20);
+    assert_eq!(c.limits.connection_window, 4 << 20);
+    let c = parse(&[
+        "--memory-budget",
+        "16MiB",
+        "--h2-connection-window",
+        "16MiB",
+        "--copy-buffer-budget",
+        "32MiB",
+    ])
+    .unwrap();
+    assert_eq!(c.limits.connection_window, 16 << 20);
+    assert_eq!(c.limits.copy_buffer_budget, 32 << 20);
+    assert_eq!(c.limits.stream_window, small.stream_window);
+    assert!(c.limits.exceeds_budget());
+    assert!(!small.exceeds_budget() && !old.exceeds_budget());
+    // Smaller explicit limits stay within the budget.
+    let c = parse(&[
+        "--copy-buffer-budget",
+        "1MiB",
+        "--h2-stream-window",
+        "256KiB",
+    ])
+    .unwrap();
+    assert!(!c.limits.exceeds_budget());
+}
+
 #[test]
 fn limits_from_the_file_are_overridden_by_flags() {
     let mut f = tempfile::NamedTempFile::new().unwrap();
     writeln!(
         f,
         "max-connections = 7\nh2-stream-window = \"1MiB\"\nh2-connection-window = 8388608\n\
-         copy-buffer-budget = \"4MiB\""
+         copy-buffer-budget = \"4MiB\"\nmemory-budget = \"64MiB\""
     )
     .unwrap();
     let path = f.path().to_str().unwrap();
@@ -370,6 +441,7 @@ fn limits_from_the_file_are_overridden_by_flags() {
     assert_eq!(c.limits.stream_window, 1 << 20);
     assert_eq!(c.limits.connection_window, 8 << 20);
     assert_eq!(c.limits.copy_buffer_budget, 4 << 20);
+    assert_eq!(c.limits.memory_budget, 64 << 20);
     let c = parse(&[
         "--config",
         path,
@@ -381,6 +453,8 @@ fn limits_from_the_file_are_overridden_by_flags() {
     .unwrap();
     assert_eq!(c.limits.max_connections, 9);
     assert_eq!(c.limits.copy_buffer_budget, 0);
+    let c = parse(&["--config", path, "--memory-budget", "16MiB"]).unwrap();
+    assert_eq!(c.limits.memory_budget, 16 << 20);
 }
 
 #[test]

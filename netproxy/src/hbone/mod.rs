@@ -7,8 +7,10 @@
 //! * Responses: 200 once the upstream connection is established; 400 for a
 //!   malformed request (not CONNECT, bad authority); 401 when authorization
 //!   denies; 503 when the upstream connection fails.
-//! * HTTP/2 tuning as ztunnel: 4 MiB stream window, 16 MiB connection window,
-//!   1 MiB frames, keepalive pings every 10 s (20 s timeout).
+//! * HTTP/2 tuning as ztunnel (1 MiB frames, keepalive pings every 10 s,
+//!   20 s timeout) except the windows: [`H2Config`]'s default is ztunnel's
+//!   4 MiB stream / 16 MiB connection window, the proxy's the share of its
+//!   `--memory-budget` (config::BufferShares; 1 MiB / 4 MiB by default).
 //!
 //! [`client::Pool`] opens and pools client connections; [`server::serve_connection`]
 //! serves one accepted TLS connection; [`HboneStream`] adapts a CONNECT

@@ -152,6 +152,18 @@ pub async fn run(cfg: Config, logs: LogControl) -> Result<(), StartError> {
     .spawn();
     metrics.xds.attach(xds.clone());
     info!(%identity, ips = ?local_ips, xds = %cfg.xds.address, "sidetunnel-proxy starting");
+    let limits = &cfg.limits;
+    if limits.exceeds_budget() {
+        // Allowed (a pod may trade memory for throughput), but the budget
+        // the RuntimeClass overhead was sized for no longer holds.
+        warn!(
+            memory_budget = limits.memory_budget,
+            copy_buffer_budget = limits.copy_buffer_budget,
+            stream_window = limits.stream_window,
+            connection_window = limits.connection_window,
+            "buffer limits set above --memory-budget's shares: bulk traffic may grow the proxy past its budget"
+        );
+    }
 
     let drain = Drain::new();
     let readiness = Readiness::new();
