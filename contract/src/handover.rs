@@ -182,6 +182,20 @@ pub fn binary_identity(dev: u64, ino: u64, size: u64, mtime_s: i64, mtime_ns: i6
     format!("{dev}:{ino}:{size}:{mtime_s}.{mtime_ns:09}")
 }
 
+/// [`binary_identity`] of the file at `path` now (symlinks followed, so
+/// `/proc/self/exe` names the running binary even after it was replaced).
+pub fn identity_of(path: &std::path::Path) -> std::io::Result<String> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path)?;
+    Ok(binary_identity(
+        m.dev(),
+        m.ino(),
+        m.size(),
+        m.mtime(),
+        m.mtime_nsec(),
+    ))
+}
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum HandoverError {
     #[error("unknown listener name {0:?}")]
@@ -239,6 +253,21 @@ mod tests {
             Message::decode(b""),
             Err(HandoverError::Malformed(_))
         ));
+    }
+
+    #[test]
+    fn identity_changes_when_the_file_is_replaced() {
+        let dir = std::env::temp_dir().join(format!("handover-id-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (p, tmp) = (dir.join("proxy"), dir.join("proxy.new"));
+        std::fs::write(&p, b"one").unwrap();
+        let first = identity_of(&p).unwrap();
+        assert_eq!(identity_of(&p).unwrap(), first);
+        std::fs::write(&tmp, b"one").unwrap();
+        std::fs::rename(&tmp, &p).unwrap();
+        let second = identity_of(&p).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_ne!(second, first, "a renamed-over copy");
     }
 
     #[test]

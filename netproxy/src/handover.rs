@@ -214,18 +214,9 @@ impl Channel {
 }
 
 /// The identity of the binary this process runs (see
-/// [`contract::binary_identity`]), read through `/proc/self/exe`, which
-/// names the running file even after it was replaced on disk.
+/// [`contract::identity_of`]).
 pub fn running_binary() -> io::Result<String> {
-    use std::os::unix::fs::MetadataExt;
-    let m = std::fs::metadata("/proc/self/exe")?;
-    Ok(contract::binary_identity(
-        m.dev(),
-        m.ino(),
-        m.size(),
-        m.mtime(),
-        m.mtime_nsec(),
-    ))
+    contract::identity_of(std::path::Path::new("/proc/self/exe"))
 }
 
 #[cfg(test)]

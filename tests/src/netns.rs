@@ -1,5 +1,6 @@
 //! Network namespaces as test "pods": created with `ip netns`, removed on drop.
 
+use std::path::Path;
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -109,15 +110,22 @@ fn ip(args: &[&str]) {
     );
 }
 
+/// Moves the calling thread into the network namespace at `netns` (a
+/// `/run/netns` file or `/proc/<pid>/ns/net`); setns is per thread.
+pub fn enter(netns: &Path) -> std::io::Result<()> {
+    let file = std::fs::File::open(netns)?;
+    nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)
+}
+
 impl NetNs {
     /// Runs `f` on a fresh thread that has entered this namespace (setns is
     /// per thread, so the caller's thread stays where it is). Sockets `f`
     /// creates belong to the namespace and may be returned and used anywhere.
     pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        let file = std::fs::File::open(self.path()).expect("open netns file");
+        let path = self.path();
         std::thread::scope(|s| {
             s.spawn(move || {
-                nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+                enter(Path::new(&path)).expect("enter netns");
                 f()
             })
             .join()

@@ -24,8 +24,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use shim_support::{Cluster, MeshPod, WAIT, check_proxy_process, netns_of};
-use sidetunnel_tests::bins;
 use sidetunnel_tests::cri::Cri;
+use sidetunnel_tests::{bins, netns};
 
 const TEST: &str = "shim_upgrade";
 const NS: &str = "upgrade";
@@ -261,23 +261,14 @@ async fn wait_record(
 
 /// The identity the shim compares (`dev:inode:size:mtime`).
 fn identity(path: &Path) -> Result<String> {
-    use std::os::unix::fs::MetadataExt;
-    let m = std::fs::metadata(path)?;
-    Ok(sidetunnel_contract::handover::binary_identity(
-        m.dev(),
-        m.ino(),
-        m.size(),
-        m.mtime(),
-        m.mtime_nsec(),
-    ))
+    Ok(sidetunnel_contract::handover::identity_of(path)?)
 }
 
 /// Runs `f` on a thread inside the network namespace at `netns`.
 fn in_netns<T: Send + 'static>(netns: &Path, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
     let netns = netns.to_owned();
     std::thread::spawn(move || -> Result<T> {
-        let ns = std::fs::File::open(&netns)?;
-        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)?;
+        netns::enter(&netns)?;
         Ok(f())
     })
     .join()
@@ -448,15 +439,7 @@ impl Load {
                 let (phase, stop, tally) = (phase.clone(), stop.clone(), tally.clone());
                 let netns = netns.to_owned();
                 threads.push(std::thread::spawn(move || {
-                    let entered = std::fs::File::open(&netns)
-                        .map_err(anyhow::Error::from)
-                        .and_then(|ns| {
-                            Ok(nix::sched::setns(
-                                &ns,
-                                nix::sched::CloneFlags::CLONE_NEWNET,
-                            )?)
-                        });
-                    if let Err(e) = entered {
+                    if let Err(e) = netns::enter(&netns) {
                         tally.record(long, BEFORE, Err(format!("enter netns: {e}")));
                         return;
                     }

@@ -366,7 +366,7 @@ impl Run {
             return None;
         }
         let binary = &self.plan.launch.binary;
-        let on_disk = upgrade::identity_of(binary).ok()?;
+        let on_disk = sidetunnel_contract::handover::identity_of(binary).ok()?;
         if on_disk == running || self.failed_binary.as_deref() == Some(on_disk.as_str()) {
             return None;
         }

@@ -3,7 +3,7 @@
 //!
 //! Each shim looks at the node's `proxy.binary` every
 //! `upgrade.check_interval`; when the file there is not the one its proxy
-//! runs (see `sidetunnel_contract::handover::binary_identity`) and not one
+//! runs (see `sidetunnel_contract::handover::identity_of`) and not one
 //! that already failed to take over in this pod, it hands over (the
 //! supervisor does that). The node-wide limit is a set of
 //! `upgrade.max_concurrent` lock files under the state root: a shim holds
@@ -13,23 +13,8 @@
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
-use sidetunnel_contract::handover::binary_identity;
-
 /// Directory of the slot lock files, under the state root.
 const SLOTS_DIR: &str = ".upgrade-slots";
-
-/// The identity of the file at `path` now.
-pub fn identity_of(path: &Path) -> std::io::Result<String> {
-    use std::os::unix::fs::MetadataExt;
-    let m = std::fs::metadata(path)?;
-    Ok(binary_identity(
-        m.dev(),
-        m.ino(),
-        m.size(),
-        m.mtime(),
-        m.mtime_nsec(),
-    ))
-}
 
 /// One of the node's upgrade slots, held until dropped.
 #[derive(Debug)]
@@ -79,18 +64,5 @@ mod tests {
         assert!(try_slot(d.path(), 2).unwrap().is_none(), "both slots held");
         drop(a);
         assert!(try_slot(d.path(), 2).unwrap().is_some(), "a freed slot");
-    }
-
-    #[test]
-    fn identity_changes_when_the_file_is_replaced() {
-        let d = tempfile::tempdir().unwrap();
-        let p = d.path().join("proxy");
-        std::fs::write(&p, b"one").unwrap();
-        let first = identity_of(&p).unwrap();
-        assert_eq!(identity_of(&p).unwrap(), first);
-        let tmp = d.path().join("proxy.new");
-        std::fs::write(&tmp, b"one").unwrap();
-        std::fs::rename(&tmp, &p).unwrap();
-        assert_ne!(identity_of(&p).unwrap(), first, "a renamed-over copy");
     }
 }
